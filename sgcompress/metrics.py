@@ -1,0 +1,172 @@
+"""What a model costs: MACs (fvcore), parameters, file sizes and measured latency.
+
+Units: a MAC is one multiply-accumulate; FLOPs = 2 x MACs. fvcore (like thop and
+ptflops) counts one multiply-add as one "flop", i.e. it reports MACs; we call them MACs.
+
+fvcore computes a conv's cost from its weight shape, so a masked layer would be counted
+at its dense cost. For every MaskedConv2d/MaskedLinear we scale fvcore's count of that
+module by the layer's mask density, which is exact: a conv's MACs are
+``positions x sum(mask) x kh x kw``.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .layers import MASKED_TYPES
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MacsCount:
+    total: int  # MACs per image, masked layers counted at their kept connections
+    by_layer: dict[str, int]  # leaf modules fvcore counted (masked ones corrected)
+    unsupported_ops: dict[str, int]  # op -> count that fvcore skipped (not counted)
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.total
+
+
+def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> MacsCount:
+    """MACs for one image of ``input_shape`` (C,H,W), by fvcore with masked layers corrected."""
+    with warnings.catch_warnings():  # fvcore's import calls the deprecated torch.jit.script
+        warnings.simplefilter("ignore", FutureWarning)
+        from fvcore.nn import FlopCountAnalysis
+
+    was_training = model.training
+    model.eval()
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    x = torch.zeros(1, *input_shape, device=device)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            fca = FlopCountAnalysis(model, (x,)).unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+            fca.tracer_warnings("none")
+            total = int(fca.total())
+            by_module = fca.by_module()
+            unsupported = dict(fca.unsupported_ops())
+    finally:
+        model.train(was_training)
+    leaves = {n for n, m in model.named_modules() if n and not list(m.children())}
+    by_layer: dict[str, int] = {}
+    for name, mod in model.named_modules():
+        if name in leaves or isinstance(mod, MASKED_TYPES):
+            dense = int(by_module.get(name, 0))
+            if isinstance(mod, MASKED_TYPES):
+                kept = int(round(dense * float(mod.connection_mask.double().mean())))
+                total -= dense - kept
+                dense = kept
+            if dense:
+                by_layer[name] = dense
+    return MacsCount(total, by_layer, unsupported)
+
+
+@dataclass(frozen=True)
+class ParamCount:
+    total: int  # parameters stored (dense shapes)
+    effective: int  # parameters that are not pruned connections
+    by_layer: dict[str, tuple[int, int]]  # leaf name -> (stored, effective)
+
+
+def count_params(model: nn.Module) -> ParamCount:
+    """Stored and effective (non-pruned) parameters; shared tensors are counted once."""
+    seen: set[int] = set()
+    total = effective = 0
+    by_layer: dict[str, tuple[int, int]] = {}
+    for name, mod in model.named_modules():
+        stored = eff = 0
+        for p in mod.parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            stored += p.numel()
+            eff += p.numel()
+        if isinstance(mod, MASKED_TYPES) and stored:
+            per_connection = mod.weight[0, 0].numel()
+            eff -= int((mod.connection_mask == 0).sum()) * per_connection
+        if stored:
+            by_layer[name] = (stored, eff)
+        total += stored
+        effective += eff
+    return ParamCount(total, effective, by_layer)
+
+
+@dataclass(frozen=True)
+class Latency:
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    batch_size: int
+    threads: int
+    repeats: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@contextmanager
+def num_threads(n: int | None):
+    """Temporarily fix torch's intra-op thread count."""
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def measure_latency(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    *,
+    batch_size: int = 1,
+    threads: int | None = None,
+    warmup: int = 3,
+    repeats: int = 10,
+    min_seconds: float = 0.0,
+) -> Latency:
+    """Wall-clock time of one forward pass: warm-up, then the median of ``repeats`` runs.
+
+    Runs in eval mode under ``torch.inference_mode`` with a fixed thread count; on CUDA it
+    synchronises around every run. ``min_seconds`` keeps repeating (beyond ``repeats``)
+    until that much time was measured, which steadies fast models.
+    """
+    was_training = model.training
+    model.eval()
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch_size, *input_shape, generator=gen).to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times: list[float] = []
+    try:
+        with num_threads(threads), torch.inference_mode():
+            for _ in range(warmup):
+                model(x)
+            sync()
+            spent = 0.0
+            while len(times) < repeats or spent < min_seconds:
+                t0 = time.perf_counter()
+                model(x)
+                sync()
+                dt = time.perf_counter() - t0
+                times.append(dt)
+                spent += dt
+            used = torch.get_num_threads()
+    finally:
+        model.train(was_training)
+    times.sort()
+    q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
+    return Latency(statistics.median(times) * 1e3, q[0] * 1e3, q[-1] * 1e3, batch_size, used, len(times))
