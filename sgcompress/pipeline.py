@@ -142,6 +142,10 @@ def prune_model(model: nn.Module, input_shape: tuple[int, int, int], config: Pru
     layers = trace_layers(model, input_shape)
     sel = select_layers(model, input_shape, n_clusters=config.groups, include=config.include,
                         exclude=config.exclude, layers=layers)
+    if not sel.targets and (config.ratio > 0 or config.target_macs is not None):
+        reasons = "; ".join(f"{s.name}: {s.reason}" for s in sel.skipped[:3])
+        raise ConfigError(f"no layer can be pruned with these settings ({reasons}); "
+                          "lower --groups or change --include/--exclude")
     before_macs = count_macs(model, input_shape)
     before_params = count_params(model)
     if config.target_macs is not None:

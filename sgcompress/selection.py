@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import InputShapeError
+from .errors import ConfigError, InputShapeError, UnsupportedLayerError
 from .plan import SkippedLayer
 
 SHORTCUT_PATTERNS = ("*downsample*", "*shortcut*")
@@ -183,4 +183,18 @@ def select_layers(
             targets.append(name)
         else:
             skipped.append(SkippedLayer(name, reason))
+    _check_include(include, layers, skipped)
     return Selection(tuple(targets), tuple(skipped), layers)
+
+
+def _check_include(include, layers: dict[str, LayerInfo], skipped: list[SkippedLayer]) -> None:
+    """An --include pattern must name layers, and not only layers SG-CNN cannot prune."""
+    for pattern in include:
+        hits = [n for n in layers if fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            raise ConfigError(f"--include {pattern!r} matches no layer; the names are those `sgcompress analyze` lists")
+        unsupported = [s for s in skipped if s.name in hits and ("conv:" in s.reason or "not a Conv2d" in s.reason)]
+        if len(unsupported) == len(hits):
+            s = unsupported[0]
+            raise UnsupportedLayerError(f"--include {pattern!r} selects {s.name}, which cannot be pruned ({s.reason}); "
+                                        "remove it from --include")
