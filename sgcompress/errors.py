@@ -62,3 +62,17 @@ class CheckFailed(SgCompressError):
     """The regression gate found a regression."""
 
     exit_code = 1
+
+
+class TrainingInterrupted(TrainingError):
+    """Training stopped on SIGINT/SIGTERM; the resume state was saved when ``checkpoint`` is set.
+
+    ``exit_code`` follows the shell convention 128 + signal number (130 for SIGINT,
+    143 for SIGTERM).
+    """
+
+    def __init__(self, signal_number: int, message: str, checkpoint: str | None = None) -> None:
+        super().__init__(message)
+        self.signal_number = signal_number
+        self.checkpoint = checkpoint
+        self.exit_code = 128 + signal_number

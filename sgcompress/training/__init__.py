@@ -1,0 +1,1 @@
+"""The training engine behind :mod:`sgcompress.finetune` (split into modules by concern)."""
