@@ -108,6 +108,100 @@ def _print_json(data) -> None:
     sys.stdout.write(json.dumps(data, indent=1) + "\n")
 
 
+DataSpec = Annotated[Optional[str], typer.Option(
+    "--data", help="Dataset: 'digits', an MNIST/Fashion-MNIST idx folder, a CIFAR python folder, or an ImageFolder (train/, val/).")]
+Mean = Annotated[Optional[str], typer.Option("--mean", help="Normalisation mean per channel, e.g. 0.5,0.5,0.5 (default: the data's).")]
+Std = Annotated[Optional[str], typer.Option("--std", help="Normalisation std per channel (default: the data's).")]
+Limit = Annotated[Optional[int], typer.Option("--limit", help="Use only this many training images (quick runs).")]
+BnBatches = Annotated[int, typer.Option(
+    "--bn-batches", help="Batches (of 128 images) to re-estimate BatchNorm statistics after pruning; 0 turns it off.")]
+Lr = Annotated[float, typer.Option("--lr", help="Initial SGD learning rate.")]
+BatchSize = Annotated[int, typer.Option("--batch-size", help="Images per optimizer step (per process under torchrun).")]
+Workers = Annotated[int, typer.Option("--workers", help="DataLoader worker processes.")]
+MaxSteps = Annotated[Optional[int], typer.Option("--max-steps-per-epoch", help="Cap optimizer steps per epoch (quick runs).")]
+
+
+class Scheme(str, Enum):
+    none = "none"
+    local = "local"
+    global_ = "global"
+
+
+class Schedule(str, Enum):
+    step = "step"
+    cosine = "cosine"
+
+
+def _floats(text: str | None, what: str):
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        fail(f"{what} must be comma-separated numbers like 0.5,0.5,0.5, got {text!r}")
+
+
+def _data(spec: str | None, input_shape, mean, std, limit, seed: int, augment: bool = True):
+    from .data import load_data
+
+    if spec is None:
+        fail("this needs --data (e.g. --data digits, or a dataset folder)")
+    return load_data(spec, input_shape=tuple(input_shape), mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
+                     limit=limit, seed=seed, augment=augment)
+
+
+def _train_config(**kw):
+    from .finetune import TrainConfig
+
+    return TrainConfig(**kw)
+
+
+class _TrainView:
+    """Renders training events as a rich progress bar (quiet off a terminal) plus one line per epoch."""
+
+    def __init__(self, bar: Progress):
+        self.bar, self.task = bar, None
+
+    def __call__(self, ev: dict) -> None:
+        kind = ev.get("kind")
+        if kind == "epoch_start":
+            if self.task is not None:
+                self.bar.remove_task(self.task)
+            self.task = self.bar.add_task(f"epoch {ev['epoch']}/{ev['epochs']}", total=ev["steps"],
+                                          completed=ev.get("step", 0))
+        elif kind == "batch" and self.task is not None:
+            self.bar.update(self.task, completed=ev["step"],
+                            description=f"epoch {ev['epoch']}/{ev['epochs']} loss {ev['loss']:.3f} "
+                                        f"acc {100 * ev['acc']:.1f}% {ev['images_per_s']:.0f} img/s")
+        elif kind == "epoch_end":
+            err.print(f"epoch {ev['epoch']}/{ev['epochs']}: train loss {ev['train_loss']:.4f} "
+                      f"acc {100 * ev['train_acc']:.2f}% | val top-1 {100 * ev['val_top1']:.2f}% "
+                      f"loss {ev['val_loss']:.4f} | lr {ev['lr']:.4g} | {ev['seconds']:.0f} s"
+                      + (" (best)" if ev.get("is_best") else ""), markup=False)
+        elif kind == "local_step":
+            err.print(f"L scheme: retraining after step {ev['step']} (cp {ev['cp']:.2f})", markup=False)
+        elif kind == "interrupted":
+            err.print(f"interrupted by {ev['signal']}: state saved to {ev['path']}; continue with --resume",
+                      markup=False)
+
+
+def _accuracy_lines(acc: dict) -> list[str]:
+    lines = []
+    if "before_pruning" in acc:
+        lines.append(f"accuracy before pruning ({acc['split']}): top-1 {100 * acc['before_pruning']['top1']:.2f}%")
+    ap = acc.get("after_pruning") or {}
+    if "without_bn_reestimation" in ap:
+        lines.append(f"accuracy after pruning, old BatchNorm statistics: top-1 "
+                     f"{100 * ap['without_bn_reestimation']['top1']:.2f}%")
+    if "with_bn_reestimation" in ap:
+        lines.append(f"accuracy after pruning, BatchNorm re-estimated on {ap['bn_images']} images: top-1 "
+                     f"{100 * ap['with_bn_reestimation']['top1']:.2f}%")
+    if "test" in acc:
+        lines.append(f"test accuracy after fine-tuning: top-1 {100 * acc['test']['top1']:.2f}% "
+                     f"top-5 {100 * acc['test']['top5']:.2f}% ({acc['test']['n']} images)")
+    return lines
+
+
 # ----------------------------------------------------------------- commands
 @app.command()
 @handle_errors
@@ -146,10 +240,24 @@ def prune(
     seed: Annotated[int, typer.Option("--seed", help="k-means seed (same seed, same plan).")] = 0,
     include: Include = None, exclude: Exclude = None,
     force: Annotated[bool, typer.Option("--force", help="Replace the output directory if it exists.")] = False,
+    scheme: Annotated[Scheme, typer.Option("--scheme", help="'local' retrains after every pruning step (needs --data).")] = Scheme.none,
+    data: DataSpec = None, mean: Mean = None, std: Std = None, limit: Limit = None, bn_batches: BnBatches = 4,
+    local_epochs: Annotated[int, typer.Option("--local-epochs", help="Epochs of retraining after each step (L scheme).")] = 1,
+    lr: Lr = 0.01, batch_size: BatchSize = 128, workers: Workers = 0, max_steps_per_epoch: MaxSteps = None,
     as_json: AsJson = False,
 ) -> None:
-    """Run SG-CNN pruning and write an artifact (plan.json, weights.safetensors, manifest.json, report.json)."""
+    """Run SG-CNN pruning and write an artifact (plan.json, weights.safetensors, manifest.json, report.json).
+
+    With --data, accuracy before and after pruning is measured (after re-estimating BatchNorm statistics too);
+    with --scheme local, the model is retrained after every pruning step (the paper's L scheme).
+    """
     from .pipeline import prune as run_prune
+    from .tuning import prune_with_data
+
+    if scheme == Scheme.global_:
+        fail("the global scheme runs after pruning: `sgcompress finetune ARTIFACT --scheme global --data ...`")
+    if scheme == Scheme.local and data is None:
+        fail("--scheme local retrains after every step and needs --data")
 
     cfg = _prune_config(groups=groups, ratio=ratio, fc_ratio=fc_ratio, steps=steps, target_macs=target_macs,
                         seed=seed, include=include, exclude=exclude)
@@ -163,12 +271,22 @@ def prune(
             bar.update(task, description=f"step {ev['step']}/{ev['steps']} cp={ev['cp']:.2f} {ev['layer']}",
                        advance=1)
 
-        res = run_prune(lm, cfg, output=output, overwrite=force, progress=on_progress)
+        if data is None:
+            res = run_prune(lm, cfg, output=output, overwrite=force, progress=on_progress)
+        else:
+            bundle = _data(data, lm.spec.input_shape, mean, std, limit, seed)
+            local = _train_config(epochs=local_epochs, lr=lr, batch_size=batch_size, seed=seed, workers=workers,
+                                  max_steps_per_epoch=max_steps_per_epoch) if scheme == Scheme.local else None
+            res = prune_with_data(lm, cfg, bundle, output=output, overwrite=force, scheme=scheme.value,
+                                  local_config=local, bn_batches=bn_batches, progress=on_progress,
+                                  callback=_TrainView(bar))
     if as_json:
         _print_json(res.report)
         return
     for t in render.report_tables(res.report, per_layer=False):
         out.print(t)
+    for line in _accuracy_lines(res.report.get("accuracy", {})):
+        out.print(line)
     out.print(f"wrote [bold]{res.path}[/] (ratio {res.config.ratio:.3f}, groups {res.config.groups}, seed {res.config.seed})")
 
 
@@ -192,6 +310,94 @@ def report(
     else:
         for t in render.report_tables(rep):
             out.print(t)
+
+
+@app.command()
+@handle_errors
+def finetune(
+    artifact: Annotated[Path, typer.Argument(help="Pruned artifact directory.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Artifact directory to write.")],
+    data: DataSpec = None,
+    scheme: Annotated[Scheme, typer.Option("--scheme", help="'global': one retraining after pruning (G; after prune --scheme local: LG).")] = Scheme.global_,
+    epochs: Annotated[int, typer.Option("--epochs", help="Passes over the training set.")] = 10,
+    lr: Lr = 0.01, batch_size: BatchSize = 128,
+    momentum: Annotated[float, typer.Option("--momentum")] = 0.9,
+    nesterov: Annotated[bool, typer.Option("--nesterov", help="Nesterov momentum.")] = False,
+    weight_decay: Annotated[float, typer.Option("--weight-decay")] = 1e-4,
+    schedule: Annotated[Schedule, typer.Option("--schedule", help="'step': lr/10 at 1/3 and 2/3 of the epochs; 'cosine'.")] = Schedule.step,
+    label_smoothing: Annotated[float, typer.Option("--label-smoothing")] = 0.0,
+    distill: Annotated[bool, typer.Option("--distill", help="Knowledge distillation from the unpruned model.")] = False,
+    distill_temperature: Annotated[float, typer.Option("--distill-temperature")] = 4.0,
+    distill_weight: Annotated[float, typer.Option("--distill-weight")] = 0.5,
+    teacher: Annotated[Optional[Path], typer.Option("--teacher", help="Unpruned checkpoint for --distill (default: the one pruned).")] = None,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    workers: Workers = 0, max_steps_per_epoch: MaxSteps = None,
+    mean: Mean = None, std: Std = None, limit: Limit = None, bn_batches: BnBatches = 4,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run of the same command.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace the output directory if it exists.")] = False,
+    as_json: AsJson = False,
+) -> None:
+    """Retrain a pruned artifact with pruned connections held at zero; the best epoch by validation accuracy is kept.
+
+    Resumable (--resume) after Ctrl-C, SIGTERM or a crash; works under torchrun (DistributedDataParallel).
+    """
+    from .artifact import read_manifest
+    from .tuning import finetune as run_finetune
+
+    if scheme != Scheme.global_:
+        fail("finetune runs the global scheme; the local scheme retrains during pruning: "
+             "`sgcompress prune ... --scheme local --data ...`")
+    manifest = read_manifest(artifact)
+    bundle = _data(data, manifest["model"]["input_shape"], mean, std, limit, seed)
+    cfg = _train_config(epochs=epochs, lr=lr, batch_size=batch_size, momentum=momentum, nesterov=nesterov,
+                        weight_decay=weight_decay, schedule=schedule.value, label_smoothing=label_smoothing,
+                        distill=distill, distill_temperature=distill_temperature, distill_weight=distill_weight,
+                        seed=seed, workers=workers, max_steps_per_epoch=max_steps_per_epoch)
+    with _progress() as bar:
+        res = run_finetune(artifact, bundle, cfg, output, resume=resume, bn_batches=bn_batches, teacher=teacher,
+                           overwrite=force, callback=_TrainView(bar))
+    if res.path is None:  # not rank 0 under torchrun
+        return
+    if as_json:
+        _print_json(res.metrics)
+        return
+    for line in _accuracy_lines({"split": "val", **res.metrics}):
+        out.print(line)
+    out.print(f"wrote [bold]{res.path}[/] (best epoch {res.metrics['best_epoch']['epoch']}, "
+              f"val top-1 {100 * res.metrics['best_epoch']['val_top1']:.2f}%)")
+
+
+@app.command()
+@handle_errors
+def evaluate(
+    model: Annotated[Path, typer.Argument(help="An artifact directory, or a checkpoint (then give --arch).")],
+    data: DataSpec = None,
+    arch: Arch = None, arch_kwargs: ArchKwargs = None, num_classes: NumClasses = None,
+    input_shape: Annotated[Optional[str], typer.Option("--input-shape", help="C,H,W (checkpoints only; artifacts know theirs).")] = None,
+    trust_checkpoint: Trust = False,
+    mean: Mean = None, std: Std = None, bn_batches: BnBatches = 4,
+    as_json: AsJson = False,
+) -> None:
+    """Top-1 / top-5 accuracy and loss on the test split (the validation split if the data has none)."""
+    from .artifact import load_artifact
+    from .tuning import evaluate_artifact
+
+    if model.is_dir():
+        art = load_artifact(model, trust=trust_checkpoint)
+        net, shape, stage = art.model, art.input_shape, art.manifest.get("stage")
+    else:
+        lm = _load(model, arch, arch_kwargs, num_classes, input_shape or "3,224,224", trust_checkpoint)
+        net, shape, stage = lm.model, lm.spec.input_shape, None
+    bundle = _data(data, shape, mean, std, None, 0, augment=False)
+    res = evaluate_artifact(net, bundle, shape, stage=stage, bn_batches=bn_batches)
+    if as_json:
+        _print_json(res)
+        return
+    out.print(f"{res['data']} ({res['split']}, {res['n']} images): top-1 {100 * res['top1']:.2f}%  "
+              f"top-5 {100 * res['top5']:.2f}%  loss {res['loss']:.4f}")
+    if "with_bn_reestimation" in res:
+        w = res["with_bn_reestimation"]
+        out.print(f"with BatchNorm statistics re-estimated: top-1 {100 * w['top1']:.2f}%  top-5 {100 * w['top5']:.2f}%")
 
 
 def version_callback(value: bool) -> None:

@@ -204,11 +204,18 @@ def build_report(plan, layers: dict[str, LayerInfo], before_macs, before_params,
 
 def prune(loaded: LoadedModel, config: PruneConfig, *, output: str | Path | None = None,
           overwrite: bool = False, progress: Progress | None = None,
-          after_step: Callable[[nn.Module, int, float], None] | None = None) -> PruneResult:
-    """Prune a loaded model and, with ``output``, write the artifact directory atomically."""
+          after_step: Callable[[nn.Module, int, float], None] | None = None,
+          before_save: Callable[[PruneResult], None] | None = None) -> PruneResult:
+    """Prune a loaded model and, with ``output``, write the artifact directory atomically.
+
+    ``after_step(model, step, cp)`` runs after every pruning step (the L scheme);
+    ``before_save(result)`` may add to ``result.report`` (accuracy) before anything is written.
+    """
     if output is not None and Path(output).exists() and not overwrite:
         raise ArtifactError(f"{output} already exists; choose another -o or pass --force to replace it")
     res = prune_model(loaded.model, loaded.spec.input_shape, config, progress=progress, after_step=after_step)
+    if before_save is not None:
+        before_save(res)
     if output is not None:
         manifest = make_manifest(loaded.spec, stage="pruned", source=loaded.source,
                                  settings={"prune": res.config.to_dict()})
