@@ -177,5 +177,10 @@ def load_artifact(path: str | Path, *, trust: bool = False) -> Artifact:
 
 
 def load(path: str | Path, *, trust: bool = False) -> nn.Module:
-    """The ready-to-use model of an sgcompress artifact (see :func:`load_artifact`)."""
+    """The ready-to-use model of an sgcompress artifact: the masked model of a pruned or
+    fine-tuned artifact (see :func:`load_artifact`), the compact model of an export."""
+    if read_manifest(path).get("stage") == "compact":
+        from .export import load_compact  # the compact form is built by the export stage
+
+        return load_compact(path)
     return load_artifact(path, trust=trust).model

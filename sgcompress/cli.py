@@ -400,6 +400,147 @@ def evaluate(
         out.print(f"with BatchNorm statistics re-estimated: top-1 {100 * w['top1']:.2f}%  top-5 {100 * w['top5']:.2f}%")
 
 
+class Format(str, Enum):
+    safetensors = "safetensors"
+    torchscript = "torchscript"
+    onnx = "onnx"
+
+
+def _batches(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        fail(f"--batch-sizes must be positive integers like 1,32, got {text!r}")
+    return values
+
+
+@app.command()
+@handle_errors
+def export(
+    artifact: Annotated[Path, typer.Argument(help="Pruned or fine-tuned artifact directory.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Export directory (safetensors) or file (torchscript/onnx).")],
+    fmt: Annotated[Format, typer.Option("--format", help="safetensors: sgcompress's compact artifact (reloads without pickle); "
+                                                          "torchscript or onnx: a deployable file.")] = Format.safetensors,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Batch the per-layer strategies are chosen for.")] = 1,
+    batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Batches of the latency report.")] = "1,32",
+    threads: Annotated[Optional[int], typer.Option("--threads", help="Torch threads for every measurement.")] = None,
+    no_latency: Annotated[bool, typer.Option("--no-latency", help="Skip the latency report.")] = False,
+    no_check: Annotated[bool, typer.Option("--no-check", help="ONNX: skip the onnxruntime comparison.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace the output if it exists.")] = False,
+    as_json: AsJson = False,
+) -> None:
+    """Export the compact model: per layer the fastest measured form (never slower than dense), checked
+    against the masked model, with measured latency of dense, masked and compact."""
+    import torch
+
+    from .export import export_compact, export_onnx, export_torchscript
+
+    if output.exists() and not force:
+        fail(f"{output} already exists; choose another -o or pass --force to replace it")
+    with _progress() as bar:
+        task = bar.add_task("measuring layers", total=None)
+        res = export_compact(artifact, output if fmt == Format.safetensors else None, batch_size=batch_size,
+                             batch_sizes=_batches(batch_sizes), threads=threads, overwrite=force,
+                             measure=not no_latency and fmt == Format.safetensors,
+                             progress=lambda ev: bar.update(task, description=f"measuring {ev.get('layer', '')}",
+                                                            advance=1))
+    example = torch.zeros(batch_size, *res.report["input_shape"])
+    if fmt == Format.torchscript:
+        export_torchscript(res.model, example, output)
+    elif fmt == Format.onnx:
+        info = export_onnx(res.model, example, output, check=not no_check)
+        res.report["onnx"] = info
+        if "max_abs_diff" in info:
+            out.print(f"onnxruntime vs PyTorch: max |difference| {info['max_abs_diff']:.2e} "
+                      f"({info['max_rel_diff']:.2e} x max|output|)")
+    if as_json:
+        _print_json(res.report)
+        return
+    m = res.report["macs"]
+    out.print(f"compact model: {render.macs(m['compact'])} (dense {render.macs(m['dense'])}); equivalence: max "
+              f"difference {res.report['equivalence']['max_rel_diff']:.1e} x max|output|, top-1 identical on "
+              f"{res.report['equivalence']['checked']} inputs")
+    for t in render.report_tables({"latency": res.report.get("latency", []), "original": {}, "compressed": {}},
+                                  per_layer=False, summary=False):
+        out.print(t)
+    for w in res.report.get("warnings", []):
+        err.print(f"warning: {w}", markup=False)
+    out.print(f"wrote [bold]{output}[/] ({fmt.value})")
+
+
+@app.command()
+@handle_errors
+def check(
+    target: Annotated[Path, typer.Argument(help="Export/artifact directory, or a fingerprint/report JSON.")],
+    baseline: Annotated[Path, typer.Option("--baseline", help="Baseline fingerprint JSON (committed in your repo).")],
+    write_baseline: Annotated[bool, typer.Option("--write-baseline", help="Write TARGET's fingerprint to --baseline and exit.")] = False,
+    max_params_growth: Annotated[str, typer.Option("--max-params-growth", help="Allowed growth of parameters, e.g. 0.5%.")] = "0%",
+    max_size_growth: Annotated[str, typer.Option("--max-size-growth", help="Allowed growth of weights.safetensors.")] = "0.5%",
+    max_macs_growth: Annotated[str, typer.Option("--max-macs-growth", help="Allowed growth of MACs.")] = "0%",
+    max_macs: Annotated[Optional[str], typer.Option("--max-macs", help="Upper bound on MACs per image, e.g. 350M.")] = None,
+    min_speedup: Annotated[Optional[float], typer.Option("--min-speedup", help="Lower bound on the measured speedup.")] = None,
+    as_json: AsJson = False,
+) -> None:
+    """The CI size/regression gate: compare parameter counts, shapes, MACs and file size with a baseline."""
+    from ._io import write_json
+    from .gate import compare, fingerprint, parse_count, parse_fraction
+
+    current = fingerprint(target)
+    if write_baseline:
+        write_json(baseline, current)
+        out.print(f"wrote baseline {baseline}")
+        return
+    if not baseline.is_file():
+        fail(f"baseline {baseline} does not exist; create it with `sgcompress check {target} --baseline {baseline} "
+             "--write-baseline` and commit it")
+    res = compare(current, fingerprint(baseline),
+                  max_params_growth=parse_fraction(max_params_growth, "--max-params-growth"),
+                  max_size_growth=parse_fraction(max_size_growth, "--max-size-growth"),
+                  max_macs_growth=parse_fraction(max_macs_growth, "--max-macs-growth"),
+                  max_macs=parse_count(max_macs, "--max-macs"), min_speedup=min_speedup)
+    if as_json:
+        _print_json(res.to_dict())
+    else:
+        for line in res.changes:
+            out.print(f"  changed: {line}", markup=False, highlight=False)
+        for line in res.failures:
+            out.print(f"  [red]REGRESSION[/]: {line}", highlight=False)
+        out.print("check passed" if res.passed else f"check failed: {len(res.failures)} regression(s)")
+    if not res.passed:
+        raise typer.Exit(1)
+
+
+@app.command()
+@handle_errors
+def demo(
+    data: Annotated[str, typer.Option("--data", help="Fashion-MNIST idx folder.")] = "/usr/share/datasets/fashion-mnist",
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the demo's artifacts.")] = Path("sgcompress-demo"),
+    groups: Groups = 4, ratio: Ratio = 0.5,
+    epochs: Annotated[int, typer.Option("--epochs", help="Global fine-tuning epochs.")] = 1,
+    train_images: Annotated[int, typer.Option("--train-images", help="Training images used for fine-tuning.")] = 12000,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="Torch threads for latency.")] = None,
+    as_json: AsJson = False,
+) -> None:
+    """The whole pipeline on the shipped ResNet-20 (Fashion-MNIST): analyze, prune, fine-tune, export, measure."""
+    from .demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(data=data, output=str(output), groups=groups, ratio=ratio, epochs=epochs,
+                     train_images=train_images, threads=threads)
+    with _progress() as bar:
+        res = run_demo(cfg, progress=lambda ev: err.print(f"== {ev['stage']}", markup=False),
+                       callback=_TrainView(bar))
+    s = res.summary
+    if as_json:
+        _print_json(s)
+        return
+    out.print(render.demo_table(s))
+    for w in (s.get("export") or {}).get("warnings", []):
+        err.print(f"warning: {w}", markup=False)
+    out.print(f"artifacts in [bold]{s['output']}[/]: pruned/, finetuned/, compact/")
+
+
 def version_callback(value: bool) -> None:
     if value:
         out.print(f"sgcompress {__version__}")

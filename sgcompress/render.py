@@ -54,30 +54,9 @@ def analysis_tables(a: dict[str, Any]) -> list[Table]:
     return [t, w]
 
 
-def report_tables(r: dict[str, Any], per_layer: bool = True) -> list[Table]:
-    o, c = r["original"], r["compressed"]
-    t = Table(title="Summary (MACs = multiply-accumulates per image; FLOPs = 2 x MACs)")
-    t.add_column("")
-    t.add_column("original", justify="right")
-    t.add_column("compressed", justify="right")
-    t.add_column("ratio", justify="right")
-    t.add_row("MACs", macs(o["macs"]), macs(c["macs"]), pct(r["macs_ratio"]))
-    t.add_row("FLOPs (2 x MACs)", count(o["flops"]), count(c["flops"]), pct(r["macs_ratio"]))
-    t.add_row("params (non-zero)", count(o["params"]), count(c["params_effective"]), pct(r["params_ratio"]))
-    pl = r["pruned_layers"]
-    t.add_row(f"MACs of the {pl['count']} pruned layers", macs(pl["macs_before"]), macs(pl["macs_after"]),
-              f"-{pct(pl['macs_reduction'])}")
-    for name, n in (r.get("files") or {}).items():
-        t.add_row(f"file {name}", "", size(n), "")
-    tables = [t]
-    for lat in r.get("latency", []):
-        lt = Table(title=f"Measured latency, batch {lat['batch_size']}, {lat['threads']} threads (median of repeats)")
-        for col in ("model", "ms", "speedup (measured)", "speedup (MACs)"):
-            lt.add_column(col, justify="right")
-        for row in lat["rows"]:
-            lt.add_row(row["model"], f"{row['median_ms']:.2f}", f"{row['speedup']:.2f}x",
-                       f"{row['macs_speedup']:.2f}x" if row.get("macs_speedup") else "")
-        tables.append(lt)
+def report_tables(r: dict[str, Any], per_layer: bool = True, summary: bool = True) -> list[Table]:
+    tables = [_summary_table(r)] if summary else []
+    tables += latency_tables(r.get("latency", []))
     if per_layer and r.get("layers"):
         lt = Table(title="Pruned layers")
         for col in ("layer", "MACs before", "MACs after", "sparsity", "params after", "blocks"):
@@ -94,6 +73,37 @@ def report_tables(r: dict[str, Any], per_layer: bool = True) -> list[Table]:
             st.add_row(s["name"], s["reason"])
         tables.append(st)
     return tables
+
+
+def latency_tables(latency: list[dict[str, Any]]) -> list[Table]:
+    tables = []
+    for lat in latency:
+        lt = Table(title=f"Measured latency, batch {lat['batch_size']}, {lat['threads']} threads (median)")
+        for col in ("model", "ms per batch", "speedup (measured)", "speedup (MACs)"):
+            lt.add_column(col, justify="right")
+        for row in lat["rows"]:
+            lt.add_row(row["model"], f"{row['median_ms']:.2f}", f"{row['speedup']:.2f}x",
+                       f"{row['macs_speedup']:.2f}x" if row.get("macs_speedup") else "")
+        tables.append(lt)
+    return tables
+
+
+def _summary_table(r: dict[str, Any]) -> Table:
+    o, c = r["original"], r["compressed"]
+    t = Table(title="Summary (MACs = multiply-accumulates per image; FLOPs = 2 x MACs)")
+    t.add_column("")
+    t.add_column("original", justify="right")
+    t.add_column("compressed", justify="right")
+    t.add_column("ratio", justify="right")
+    t.add_row("MACs", macs(o["macs"]), macs(c["macs"]), pct(r["macs_ratio"]))
+    t.add_row("FLOPs (2 x MACs)", count(o["flops"]), count(c["flops"]), pct(r["macs_ratio"]))
+    t.add_row("params (non-zero)", count(o["params"]), count(c["params_effective"]), pct(r["params_ratio"]))
+    pl = r["pruned_layers"]
+    t.add_row(f"MACs of the {pl['count']} pruned layers", macs(pl["macs_before"]), macs(pl["macs_after"]),
+              f"-{pct(pl['macs_reduction'])}")
+    for name, n in (r.get("files") or {}).items():
+        t.add_row(f"file {name}", "", size(n), "")
+    return t
 
 
 def report_markdown(r: dict[str, Any]) -> str:
@@ -116,3 +126,24 @@ def report_markdown(r: dict[str, Any]) -> str:
             lines.append(f"| {x['name']} | {macs(x['macs_before'])} | {macs(x['macs_after'])} | "
                          f"{pct(x['sparsity'])} | {x['blocks']} |")
     return "\n".join(lines) + "\n"
+
+
+def demo_table(s: dict[str, Any]) -> Table:
+    """Before/after of the demo: accuracy, MACs, params, measured latency."""
+    t = Table(title=f"sgcompress demo: {s['model']['arch']} on {s['data']['name']} "
+                    f"(test set, {s['data']['test_images']} images)")
+    t.add_column("")
+    t.add_column("before", justify="right")
+    t.add_column("after", justify="right")
+    p = s["pruning"]
+    t.add_row("test top-1 accuracy", pct(s["test_before"]["top1"]),
+              pct((s.get("test_after_finetuning") or s["test_after_pruning"])["top1"]))
+    t.add_row("  right after pruning (BatchNorm re-estimated)", "", pct(s["test_after_pruning"]["top1"]))
+    t.add_row("MACs per image", macs(p["original"]["macs"]), macs(p["compressed"]["macs"]))
+    t.add_row("params (non-zero)", count(p["original"]["params"]), count(p["compressed"]["params_effective"]))
+    for lat in (s.get("export") or {}).get("latency", []):
+        rows = {r["model"]: r for r in lat["rows"]}
+        if "compact" in rows:
+            t.add_row(f"latency, batch {lat['batch_size']} (measured)", f"{rows['dense']['median_ms']:.2f} ms",
+                      f"{rows['compact']['median_ms']:.2f} ms ({rows['compact']['speedup']:.2f}x)")
+    return t

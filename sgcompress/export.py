@@ -1,0 +1,232 @@
+"""Export: the compact model that is really faster, in sgcompress's own format, TorchScript or ONNX.
+
+``export_compact`` turns a masked artifact into a compact one: every pruned layer becomes
+the compact module (compact/) that measured fastest for the target (batch size, threads,
+device), never one slower than its dense conv. The compact artifact stores
+
+```
+plan.json            the same plan (structure of every pruned layer)
+compact.json         the measured choice per layer: strategy, options, timings
+weights.safetensors  the compact weights only (pruned connections are not stored)
+manifest.json        stage "compact", the parent artifact, settings, versions
+report.json          MACs, params, file sizes and measured latency: dense, masked, compact
+```
+and reloads through ``sgcompress.load`` without pickle. Before anything is written, the
+compact model is checked against the masked one: max |difference| <= 1e-4 x max |output|
+and identical top-1 on the check inputs.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_model
+from torch import nn
+
+from . import _io
+from .artifact import FORMAT, load_artifact, make_manifest, read_manifest
+from .errors import ArtifactError, ExportError
+from .loading import ModelSpec, build_model, load_state_dict_strict
+from .metrics import count_macs, count_params, measure_latency
+from .plan import CompressionPlan
+from .surgery import _set_submodule, strip_masks
+
+log = logging.getLogger(__name__)
+Progress = Callable[[dict], None]
+REL_TOL = 1e-4  # max |compact - masked| <= REL_TOL * max |masked|
+SLOW_WARNING = 0.7  # warn when measured speedup < 70 % of the MACs speedup
+
+
+@dataclass
+class ExportResult:
+    path: Path | None
+    model: nn.Module
+    choices: dict[str, Any]
+    report: dict[str, Any]
+
+
+def check_equivalence(reference: nn.Module, candidate: nn.Module, inputs: list[torch.Tensor]) -> dict[str, float]:
+    """Compare outputs on ``inputs``; raise ExportError if they differ beyond tolerance."""
+    worst = 0.0
+    agree = total = 0
+    with torch.inference_mode():
+        for x in inputs:
+            a, b = reference(x), candidate(x)
+            scale = float(a.abs().max()) or 1.0
+            diff = float((a - b).abs().max())
+            worst = max(worst, diff / scale)
+            if a.dim() == 2:
+                agree += int((a.argmax(1) == b.argmax(1)).sum())
+                total += a.shape[0]
+    if worst > REL_TOL:
+        raise ExportError(f"the compact model differs from the masked one by {worst:.2e} x max|output| "
+                          f"(allowed {REL_TOL:.0e}); this is a bug in sgcompress, please report it")
+    if agree != total:
+        raise ExportError(f"the compact model's top-1 differs from the masked model's on {total - agree} of "
+                          f"{total} inputs; this is a bug in sgcompress, please report it")
+    return {"max_rel_diff": worst, "top1_agree": agree, "checked": total}
+
+
+def _latency_rows(models: dict[str, nn.Module], shape, batch_sizes, threads, macs: dict[str, int]) -> list[dict]:
+    out = []
+    for bs in batch_sizes:
+        rows = []
+        for name, m in models.items():
+            lat = measure_latency(m, shape, batch_size=bs, threads=threads, warmup=3, repeats=10, min_seconds=1.0)
+            rows.append({"model": name, "median_ms": lat.median_ms, "p10_ms": lat.p10_ms, "p90_ms": lat.p90_ms,
+                         "repeats": lat.repeats})
+        base = rows[0]["median_ms"]
+        for r in rows:
+            r["speedup"] = base / r["median_ms"]
+            r["macs_speedup"] = macs["dense"] / macs[r["model"]] if macs.get(r["model"]) else None
+        out.append({"batch_size": bs, "threads": torch.get_num_threads() if threads is None else threads,
+                    "rows": rows})
+    return out
+
+
+def export_compact(artifact: str | Path, output: str | Path | None, *, batch_size: int = 1,
+                   batch_sizes: tuple[int, ...] = (1, 32), threads: int | None = None, overwrite: bool = False,
+                   measure: bool = True, check_inputs: list[torch.Tensor] | None = None,
+                   progress: Progress | None = None) -> ExportResult:
+    """Materialise the fastest compact model of a masked artifact and (with ``output``) save it.
+
+    Args:
+        batch_size: the batch the per-layer strategies are measured at (the deployment target).
+        batch_sizes: batches for the latency report of dense / masked / compact.
+        threads: torch threads for every measurement (None: torch's default).
+        check_inputs: inputs for the equivalence check (default: 8 seeded random batches).
+    """
+    from .compact import materialize
+
+    art = load_artifact(artifact)
+    if art.manifest.get("stage") == "compact":
+        raise ArtifactError(f"{artifact} is already a compact export; export the pruned or fine-tuned artifact")
+    if output is not None and Path(output).exists() and not overwrite:
+        raise ArtifactError(f"{output} already exists; choose another -o or pass --force to replace it")
+    shape = art.input_shape
+    masked = art.model.eval()
+    example = torch.randn(batch_size, *shape, generator=torch.Generator().manual_seed(0))
+    compact, choices = materialize(masked, example, threads=threads, progress=progress)
+    compact.eval()
+    gen = torch.Generator().manual_seed(1)
+    inputs = check_inputs or [torch.randn(4, *shape, generator=gen) for _ in range(8)]
+    equivalence = check_equivalence(masked, compact, inputs)
+
+    dense = strip_masks(copy.deepcopy(masked))
+    macs = {"dense": count_macs(dense, shape).total, "masked": count_macs(masked, shape).total,
+            "compact": count_macs(compact, shape).total}
+    report: dict[str, Any] = {
+        "units": {"macs": "multiply-accumulates per image (fvcore count)", "latency": "milliseconds per batch"},
+        "input_shape": list(shape), "macs": macs, "params": {
+            "dense": count_params(dense).total, "compact": count_params(compact).total},
+        "equivalence": equivalence, "strategy_batch_size": batch_size,
+        "layers": {name: {k: v for k, v in c.items() if k != "options"} for name, c in choices.items()},
+    }
+    if measure:
+        report["latency"] = _latency_rows({"dense": dense, "masked": masked, "compact": compact}, shape,
+                                          batch_sizes, threads, macs)
+        report["warnings"] = [
+            f"batch {lat['batch_size']}: measured speedup {r['speedup']:.2f}x is below 70 % of the MACs "
+            f"speedup {r['macs_speedup']:.2f}x"
+            for lat in report["latency"] for r in lat["rows"]
+            if r["model"] == "compact" and r["macs_speedup"] and r["speedup"] < SLOW_WARNING * r["macs_speedup"]]
+    path = None
+    if output is not None:
+        manifest = make_manifest(art.spec, stage="compact", source=str(Path(artifact).resolve()),
+                                 settings={"export": {"batch_size": batch_size, "threads": threads,
+                                                      "device": "cpu"}}, parent=art.manifest)
+        with _io.atomic_directory(output, overwrite=overwrite) as tmp:
+            (tmp / "plan.json").write_text(art.plan.to_json())
+            (tmp / "compact.json").write_text(json.dumps(choices, indent=1) + "\n")
+            save_model(compact, str(tmp / "weights.safetensors"), metadata={"format": FORMAT, "stage": "compact"},
+                       force_contiguous=True)
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+            report["files"] = {"weights.safetensors": (tmp / "weights.safetensors").stat().st_size}
+            (tmp / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+        path = Path(output)
+    return ExportResult(path, compact, choices, report)
+
+
+def load_compact(path: str | Path) -> nn.Module:
+    """Rebuild a compact export (architecture from the manifest, compact layers from plan +
+    compact.json, weights from safetensors) without pickle."""
+    from .compact import build_compact
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    if manifest.get("stage") != "compact" or not (path / "compact.json").is_file():
+        raise ArtifactError(f"{path} is not a compact export (no compact.json); make one with `sgcompress export`")
+    plan = CompressionPlan.from_json((path / "plan.json").read_text())
+    choices = json.loads((path / "compact.json").read_text())
+    model = build_model(ModelSpec.from_dict(manifest["model"]))
+    for lp in plan.layers:
+        old = model.get_submodule(lp.name)
+        choice = choices.get(lp.name, {"strategy": "dense", "options": {}})
+        _set_submodule(model, lp.name, build_compact(lp, choice["strategy"], choice.get("options", {}),
+                                                     bias=getattr(old, "bias", None) is not None))
+    try:
+        state = load_file(str(path / "weights.safetensors"))
+    except Exception as e:  # safetensors raises several types for damaged files
+        raise ArtifactError(f"{path / 'weights.safetensors'} cannot be read ({e}); re-export it") from e
+    load_state_dict_strict(model, state, source=str(path / "weights.safetensors"))
+    return model.eval()
+
+
+def export_torchscript(model: nn.Module, example: torch.Tensor, path: str | Path) -> Path:
+    """Trace ``model`` to TorchScript and save it atomically (for deployment; sgcompress
+    itself reads its own format back, not this one)."""
+    import io
+
+    with torch.inference_mode(False), torch.no_grad():
+        try:
+            scripted = torch.jit.trace(model.eval(), example, check_trace=False)
+        except Exception as e:
+            raise ExportError(f"TorchScript tracing failed: {type(e).__name__}: {e}") from e
+    buf = io.BytesIO()
+    torch.jit.save(scripted, buf)
+    _io.atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, *, check: bool = True) -> dict[str, Any]:
+    """Export to ONNX (opset 17, dynamic batch) and, with ``check``, compare onnxruntime's output
+    with PyTorch's; returns the difference."""
+    import io
+    import warnings
+
+    buf = io.BytesIO()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model.eval(), (example,), buf, input_names=["input"], output_names=["output"],
+                              dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}}, opset_version=17,
+                              dynamo=False)
+    except Exception as e:
+        raise ExportError(f"ONNX export failed: {type(e).__name__}: {e}") from e
+    data = buf.getvalue()
+    result: dict[str, Any] = {"path": str(path), "bytes": len(data)}
+    if check:
+        try:
+            import onnxruntime as ort
+        except ImportError as e:
+            raise ExportError("checking the ONNX file needs onnxruntime: pip install 'sgcompress[onnx]' "
+                              "(or pass --no-check)") from e
+        sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+        x = torch.randn(2, *example.shape[1:], generator=torch.Generator().manual_seed(2))
+        got = torch.from_numpy(sess.run(None, {"input": x.numpy()})[0])
+        with torch.no_grad():
+            want = model(x)
+        diff = float((got - want).abs().max())
+        result["max_abs_diff"] = diff
+        result["max_rel_diff"] = diff / (float(want.abs().max()) or 1.0)
+        if result["max_rel_diff"] > 1e-3:
+            raise ExportError(f"onnxruntime's output differs from PyTorch's by {result['max_rel_diff']:.2e} x max|output|")
+    _io.atomic_write_bytes(path, data)
+    return result
