@@ -1,0 +1,171 @@
+"""C++ source of the gather-while-computing kernel (built on first use by :mod:`.kernel`).
+
+One op, ``sgcompress::gconv``: a stride-1 convolution whose filters come in *tiles* of up
+to 8 filters that share one list of input channels. The input is NCHW, already
+zero-padded; the output plane is computed over the flattened padded grid so every
+kernel tap is a constant offset, and row-wrap lanes are dropped at the store. Input
+channels are read through an index list (row indirection) and outputs are written to
+their original channel (row indirection), so neither the gather nor the scatter copies
+anything. The register tile is 8 (or 4) filters x 32 pixels, accumulated with AVX-512
+FMAs; a plain C++ loop is used when the compiler has no AVX-512.
+"""
+
+KERNEL_SOURCE = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+constexpr int64_t kR = 8;    // filters per tile (packed width of the weights)
+constexpr int64_t kPT = 32;  // pixels per register tile
+
+#if defined(__AVX512F__)
+inline __mmask16 tail_mask(int64_t rem) {
+  return rem >= 16 ? (__mmask16)0xFFFF : (rem <= 0 ? (__mmask16)0 : (__mmask16)((1u << rem) - 1u));
+}
+
+inline void store_vec(float* orow, __m512 a, int64_t qs, int64_t Qmax, int64_t Wp, int64_t Wo) {
+  if (qs >= Qmax) return;
+  if (Wp == Wo) {
+    _mm512_mask_storeu_ps(orow + qs, tail_mask(Qmax - qs), a);
+    return;
+  }
+  uint32_t bits = 0;
+  int64_t first = -1;
+  for (int l = 0; l < 16; ++l) {
+    const int64_t q = qs + l;
+    if (q < Qmax && (q % Wp) < Wo) {
+      bits |= 1u << l;
+      if (first < 0) first = (q / Wp) * Wo + (q % Wp);
+    }
+  }
+  if (!bits) return;
+  const int cnt = __builtin_popcount(bits);
+  const __m512 c = _mm512_maskz_compress_ps((__mmask16)bits, a);
+  _mm512_mask_storeu_ps(orow + first, tail_mask(cnt), c);
+}
+
+#define SG_Z(r) __m512 a##r##0 = _mm512_setzero_ps(), a##r##1 = _mm512_setzero_ps();
+#define SG_F(r) { const __m512 wb = _mm512_set1_ps(w[r]); \
+    a##r##0 = _mm512_fmadd_ps(wb, x0, a##r##0); a##r##1 = _mm512_fmadd_ps(wb, x1, a##r##1); }
+#define SG_S(r) if (R > r) { const int64_t f = fo[r]; if (f >= 0) { \
+    const __m512 b = _mm512_set1_ps(bp ? bp[f] : 0.f); float* orow = op + f * plane_out; \
+    store_vec(orow, _mm512_add_ps(a##r##0, b), q0, Qmax, Wp, Wo); \
+    store_vec(orow, _mm512_add_ps(a##r##1, b), q0 + 16, Qmax, Wp, Wo); } }
+
+template <int R>
+void tile_avx512(const float* const* rows, int64_t K, const float* w, const int64_t* tp, int64_t KK,
+                 const int64_t* fo, const float* bp, float* op, int64_t plane_out,
+                 int64_t q_begin, int64_t q_end, int64_t Qmax, int64_t Wp, int64_t Wo) {
+  for (int64_t q0 = q_begin; q0 < q_end; q0 += kPT) {
+    const __mmask16 m0 = tail_mask(Qmax - q0), m1 = tail_mask(Qmax - q0 - 16);
+    SG_Z(0) SG_Z(1) SG_Z(2) SG_Z(3) SG_Z(4) SG_Z(5) SG_Z(6) SG_Z(7)
+    const float* wk = w;
+    for (int64_t k = 0; k < K; ++k) {
+      const float* xr = rows[k] + q0;
+      for (int64_t a = 0; a < KK; ++a, wk += kR) {
+        const float* xs = xr + tp[a];
+        const __m512 x0 = _mm512_maskz_loadu_ps(m0, xs);
+        const __m512 x1 = _mm512_maskz_loadu_ps(m1, xs + 16);
+        const float* w = wk;
+        SG_F(0) SG_F(1) SG_F(2) SG_F(3)
+        if (R > 4) { SG_F(4) SG_F(5) SG_F(6) SG_F(7) }
+      }
+    }
+    SG_S(0) SG_S(1) SG_S(2) SG_S(3) SG_S(4) SG_S(5) SG_S(6) SG_S(7)
+  }
+}
+#endif
+
+void tile_generic(const float* const* rows, int64_t K, const float* w, const int64_t* tp, int64_t KK,
+                  const int64_t* fo, int64_t R, const float* bp, float* op, int64_t plane_out,
+                  int64_t q_begin, int64_t q_end, int64_t Qmax, int64_t Wp, int64_t Wo) {
+  float acc[kR][kPT];
+  for (int64_t q0 = q_begin; q0 < q_end; q0 += kPT) {
+    const int64_t n = std::min<int64_t>(kPT, Qmax - q0);
+    for (int64_t r = 0; r < kR; ++r) for (int64_t l = 0; l < kPT; ++l) acc[r][l] = 0.f;
+    const float* wk = w;
+    for (int64_t k = 0; k < K; ++k) {
+      for (int64_t a = 0; a < KK; ++a, wk += kR) {
+        const float* xs = rows[k] + q0 + tp[a];
+        for (int64_t r = 0; r < R; ++r) {
+          const float wv = wk[r];
+          for (int64_t l = 0; l < n; ++l) acc[r][l] += wv * xs[l];
+        }
+      }
+    }
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t f = fo[r];
+      if (f < 0) continue;
+      const float b = bp ? bp[f] : 0.f;
+      for (int64_t l = 0; l < n; ++l) {
+        const int64_t q = q0 + l;
+        const int64_t ox = q % Wp;
+        if (ox < Wo) op[f * plane_out + (q / Wp) * Wo + ox] = acc[r][l] + b;
+      }
+    }
+  }
+}
+}  // namespace
+
+at::Tensor sg_gconv(const at::Tensor& x_in, const at::Tensor& wpack, const at::Tensor& tile_out,
+                    const at::Tensor& tile_k, const at::Tensor& tile_w, const at::Tensor& tile_r,
+                    const at::Tensor& kidx, const at::Tensor& bias, int64_t C_out,
+                    int64_t kh, int64_t kw, int64_t dh, int64_t dw) {
+  TORCH_CHECK(x_in.dim() == 4 && x_in.scalar_type() == at::kFloat, "sgcompress::gconv: x must be 4-D float32");
+  TORCH_CHECK(wpack.scalar_type() == at::kFloat, "sgcompress::gconv: weights must be float32");
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor wc = wpack.contiguous();
+  const int64_t N = x.size(0), C = x.size(1), Hp = x.size(2), Wp = x.size(3);
+  const int64_t Ho = Hp - dh * (kh - 1), Wo = Wp - dw * (kw - 1);
+  TORCH_CHECK(Ho > 0 && Wo > 0, "sgcompress::gconv: input smaller than the kernel");
+  std::vector<int64_t> taps_v;
+  for (int64_t i = 0; i < kh; ++i) for (int64_t j = 0; j < kw; ++j) taps_v.push_back(i * dh * Wp + j * dw);
+  const int64_t plane = Hp * Wp, plane_out = Ho * Wo;
+  const int64_t Qmax = (Ho - 1) * Wp + Wo;
+  const int64_t T = tile_out.size(0), KK = kh * kw;
+  at::Tensor out = at::empty({N, C_out, Ho, Wo}, x.options());
+  if (N == 0 || C_out == 0 || plane_out == 0) return out;
+  const float* xp = x.data_ptr<float>();
+  const float* wp = wc.data_ptr<float>();
+  const int64_t* to = tile_out.data_ptr<int64_t>();
+  const int64_t* tk = tile_k.data_ptr<int64_t>();
+  const int64_t* tw = tile_w.data_ptr<int64_t>();
+  const int64_t* tr = tile_r.data_ptr<int64_t>();
+  const int64_t* ki = kidx.data_ptr<int64_t>();
+  const int64_t* tp = taps_v.data();
+  const at::Tensor bc = bias.numel() > 0 ? bias.contiguous() : bias;
+  const float* bp = bias.numel() > 0 ? bc.data_ptr<float>() : nullptr;
+  float* op = out.data_ptr<float>();
+  const int64_t QC = 8 * kPT;
+  const int64_t nchunk = (Qmax + QC - 1) / QC;
+  at::parallel_for(0, N * nchunk * T, 1, [&](int64_t begin, int64_t end) {
+    std::vector<const float*> rows;
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t t = it % T, c = (it / T) % nchunk, n = it / (T * nchunk);
+      const float* xn = xp + n * C * plane;
+      const int64_t k0 = tk[t], K = tk[t + 1] - tk[t];
+      rows.resize(std::max<int64_t>(K, 1));
+      for (int64_t k = 0; k < K; ++k) rows[k] = xn + ki[k0 + k] * plane;
+      const int64_t qb = c * QC, qe = std::min(Qmax, qb + QC);
+      float* on = op + n * C_out * plane_out;
+#if defined(__AVX512F__)
+      if (tr[t] > 4)
+        tile_avx512<8>(rows.data(), K, wp + tw[t], tp, KK, to + t * kR, bp, on, plane_out, qb, qe, Qmax, Wp, Wo);
+      else
+        tile_avx512<4>(rows.data(), K, wp + tw[t], tp, KK, to + t * kR, bp, on, plane_out, qb, qe, Qmax, Wp, Wo);
+#else
+      tile_generic(rows.data(), K, wp + tw[t], tp, KK, to + t * kR, tr[t], bp, on, plane_out, qb, qe, Qmax, Wp, Wo);
+#endif
+    }
+  });
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(sgcompress, CPU, m) { m.impl("gconv", &sg_gconv); }
+"""
