@@ -11,6 +11,8 @@ import signal
 
 import numpy as np
 import pytest
+
+from sgcompress import _io as shared_io
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
@@ -23,7 +25,6 @@ from sgcompress.finetune import (
     TrainConfig, atomic_write_bytes, evaluate, recalibrate_bn, train,
 )
 from sgcompress.layers import MaskedConv2d, MaskedLinear, masked_layers
-from sgcompress.training import io as train_io
 from sgcompress.training.loop import training_loss
 
 CFG = TrainConfig(epochs=3, lr=0.2, schedule="cosine", batch_size=32, max_steps_per_epoch=10, seed=3)
@@ -328,7 +329,7 @@ def _enospc_after(n_bytes: int):
 def test_atomic_write_enospc_keeps_old_file(tmp_path, monkeypatch):
     target = tmp_path / "f.bin"
     atomic_write_bytes(target, b"old contents")
-    monkeypatch.setattr(train_io, "_os_write", _enospc_after(4))
+    monkeypatch.setattr(shared_io, "_os_write", _enospc_after(4))
     with pytest.raises(OSError) as ei:
         atomic_write_bytes(target, b"new contents that do not fit")
     assert ei.value.errno == errno.ENOSPC
@@ -345,7 +346,7 @@ def test_enospc_during_training_keeps_last_checkpoint(digits, tmp_path, monkeypa
         if event["kind"] == "epoch_end" and event["epoch"] == 1:
             kept["last"] = (tmp_path / "last.pt").read_bytes()
             kept["best"] = (tmp_path / "best.safetensors").read_bytes()
-            monkeypatch.setattr(train_io, "_os_write", _enospc_after(1000))
+            monkeypatch.setattr(shared_io, "_os_write", _enospc_after(1000))
 
     with pytest.raises(TrainingError, match="intact"):
         train(tiny_model(), train_set, val_set, cfg, tmp_path, callback=disk_fills_after_epoch_1)

@@ -7,12 +7,10 @@ either the old file or the new one, never a torn one, and no temp file behind.
 
 from __future__ import annotations
 
-import errno
 import io
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,50 +19,8 @@ from safetensors.torch import load_file as _st_load_file
 from safetensors.torch import save as _st_save
 from torch import nn
 
+from .._io import atomic_write_bytes, fsync_dir  # noqa: F401  (re-exported)
 from ..errors import CheckpointError
-
-# Seam for fault injection in tests (e.g. an OSError(ENOSPC) in the middle of a file).
-_os_write = os.write
-
-_DIR_FSYNC_UNSUPPORTED = {errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES}
-
-
-def fsync_dir(folder: str | os.PathLike) -> None:
-    """Make a rename or a new file in ``folder`` durable (no-op where folders cannot be fsynced)."""
-    if os.name == "nt":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError as e:
-        if e.errno not in _DIR_FSYNC_UNSUPPORTED:
-            raise
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Replace ``path`` by ``data`` atomically; on any error the old file is untouched."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                written = _os_write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    fsync_dir(path.parent)
-
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save(obj)`` to ``path`` atomically (tensors and plain data only, by convention)."""
