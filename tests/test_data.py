@@ -407,3 +407,17 @@ def test_real_fashion_mnist():
     assert np.bincount(b.test.source.targets.numpy(), minlength=10).tolist() == [1000] * 10
     x, y = b.test[0]
     assert x.shape == (1, 28, 28) and y == 9  # the first test image is an ankle boot
+
+
+def test_damaged_idx_file(tmp_path):
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x00\x00garbage")
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x00")
+    with pytest.raises(DataError, match="cannot read idx file .*train-images"):
+        load_data(str(tmp_path))
+
+
+def test_damaged_cifar_pickle(tmp_path):
+    folder = _write_cifar10(tmp_path)
+    (folder / "data_batch_2").write_bytes(b"not a pickle")
+    with pytest.raises(DataError, match="cannot read CIFAR folder"):
+        load_data(str(tmp_path))
