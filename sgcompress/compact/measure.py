@@ -119,10 +119,14 @@ def _layer_plans(model: nn.Module, plan) -> dict[str, LayerPlan]:
 def _record_inputs(model: nn.Module, names, example_input: torch.Tensor) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {}
     handles = []
+
+    def hook(name: str):
+        def record(module, args) -> None:  # returns None: the input is left alone
+            shapes.setdefault(name, tuple(args[0].shape))
+        return record
+
     for name in names:
-        mod = model.get_submodule(name)
-        handles.append(mod.register_forward_pre_hook(
-            lambda m, args, name=name: shapes.setdefault(name, tuple(args[0].shape))))
+        handles.append(model.get_submodule(name).register_forward_pre_hook(hook(name)))
     try:
         with torch.no_grad():
             model(example_input)
