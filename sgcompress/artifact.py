@@ -98,8 +98,29 @@ def save_artifact(path: str | Path, model: nn.Module, plan: CompressionPlan, man
     path = Path(path)
     if path.exists() and not overwrite:
         raise ArtifactError(f"{path} already exists; choose another -o or pass --force to replace it")
+    check_output_dir(path, overwrite)
+    try:
+        _write_artifact(path, model, plan, manifest, report, overwrite, extra_files)
+    except OSError as e:
+        raise ArtifactError(f"cannot write the artifact to {path}: {e.strerror or e}; choose another -o") from e
+    return path
+
+
+def check_output_dir(path: str | Path, overwrite: bool) -> None:
+    """Fail before any work if ``path`` cannot become an artifact directory."""
+    path = Path(path)
     if path.exists() and not path.is_dir():
         raise ArtifactError(f"{path} exists and is not a directory; choose another -o")
+    if path.exists() and not overwrite:
+        raise ArtifactError(f"{path} already exists; choose another -o or pass --force to replace it")
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ArtifactError(f"cannot create {path}: {parent} is a file; choose another -o")
+            break
+
+
+def _write_artifact(path, model, plan, manifest, report, overwrite, extra_files) -> None:
     with _io.atomic_directory(path, overwrite=overwrite) as tmp:
         (tmp / "plan.json").write_text(plan.to_json())
         save_model(model, str(tmp / "weights.safetensors"), metadata={"format": FORMAT}, force_contiguous=True)
@@ -108,7 +129,6 @@ def save_artifact(path: str | Path, model: nn.Module, plan: CompressionPlan, man
             (tmp / "report.json").write_text(json.dumps(report, indent=1) + "\n")
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
-    return path
 
 
 def _read_json(path: Path) -> Any:
@@ -130,6 +150,8 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         raise ArtifactError(f"{path} is not a complete sgcompress artifact (missing {', '.join(missing)}); "
                             "re-create it with `sgcompress prune`")
     manifest = _read_json(path / "manifest.json")
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("model"), dict):
+        raise ArtifactError(f"{path}/manifest.json has no model description; the artifact is damaged, re-create it")
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"{path}/manifest.json is not an sgcompress artifact manifest of version {FORMAT_VERSION}")
     return manifest

@@ -10,6 +10,7 @@ import functools
 import json
 import logging
 import sys
+import warnings
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -20,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from . import render
 from ._version import __version__
+from .artifact import check_output_dir
 from .errors import SgCompressError
 
 out = Console()
@@ -261,8 +263,7 @@ def prune(
 
     cfg = _prune_config(groups=groups, ratio=ratio, fc_ratio=fc_ratio, steps=steps, target_macs=target_macs,
                         seed=seed, include=include, exclude=exclude)
-    if output.exists() and not force:
-        fail(f"{output} already exists; choose another -o or pass --force to replace it")
+    check_output_dir(output, force)
     lm = _load(checkpoint, arch, arch_kwargs, num_classes, input_shape, trust_checkpoint)
     with _progress() as bar:
         task = bar.add_task("pruning", total=None)
@@ -348,6 +349,7 @@ def finetune(
         fail("finetune runs the global scheme; the local scheme retrains during pruning: "
              "`sgcompress prune ... --scheme local --data ...`")
     manifest = read_manifest(artifact)
+    check_output_dir(output, force)
     bundle = _data(data, manifest["model"]["input_shape"], mean, std, limit, seed)
     cfg = _train_config(epochs=epochs, lr=lr, batch_size=batch_size, momentum=momentum, nesterov=nesterov,
                         weight_decay=weight_decay, schedule=schedule.value, label_smoothing=label_smoothing,
@@ -437,7 +439,9 @@ def export(
 
     from .export import export_compact, export_onnx, export_torchscript
 
-    if output.exists() and not force:
+    if fmt == Format.safetensors:
+        check_output_dir(output, force)
+    elif output.exists() and not force:
         fail(f"{output} already exists; choose another -o or pass --force to replace it")
     with _progress() as bar:
         task = bar.add_task("measuring layers", total=None)
@@ -553,6 +557,8 @@ def _root(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what the library does.")] = False,
 ) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:  # third-party warnings (torch, sklearn) would bury our one-line errors
+        warnings.filterwarnings("ignore", category=UserWarning)
 
 
 def main(argv: list[str] | None = None) -> None:

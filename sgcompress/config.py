@@ -43,7 +43,7 @@ class PruneConfig:
         if self.fc_ratio is not None and not (0.0 <= self.fc_ratio < 1.0):
             raise ConfigError(f"fc_ratio={self.fc_ratio!r} must be in [0, 1), e.g. --fc-ratio 0.6")
         if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
-            raise ConfigError(f"steps={self.steps!r} must be a whole number >= 1")
+            raise ConfigError(f"steps={self.steps!r} must be a whole number >= 1 (--steps N)")
         if self.target_macs is not None and not (0.0 < self.target_macs <= 1.0):
             raise ConfigError(
                 f"target_macs={self.target_macs!r} must be in (0, 1]: the fraction of the original MACs to keep, e.g. --target-macs 0.5"

@@ -17,9 +17,10 @@ def connection_l1(weight: torch.Tensor, mask: torch.Tensor | None = None) -> tor
         weight: ``(C_out, C_in, *kernel)`` conv weight or ``(C_out, C_in)`` linear weight.
         mask: ``(C_out, C_in)`` 0/1 mask of the connections still alive; all ones if None.
     """
-    w = weight.detach().to(torch.float64).abs()
+    w = weight.detach().abs()
     if w.dim() > 2:
-        w = w.flatten(2).sum(dim=2)
+        w = w.flatten(2).sum(dim=2)  # in the weight's dtype: converting whole weights first cost seconds
+    w = w.to(torch.float64)
     if mask is not None:
         if tuple(mask.shape) != tuple(w.shape):
             raise ValueError(f"mask shape {tuple(mask.shape)} does not match weight {tuple(w.shape)}")

@@ -202,7 +202,7 @@ def _zoo_builder(name: str) -> Callable[..., nn.Module]:
 def _file_module(path: str) -> Any:
     file = Path(path).expanduser().resolve()
     if not file.is_file():
-        raise ArchitectureError(f"architecture file '{path}' (resolved to {file}) does not exist")
+        raise ArchitectureError(f"architecture file '{path}' (resolved to {file}) does not exist; check the path in --arch")
     mod_name = "sgcompress_user_" + hashlib.sha1(str(file).encode()).hexdigest()[:12]
     if mod_name in sys.modules:
         return sys.modules[mod_name]
@@ -410,7 +410,7 @@ def _read(path: str | os.PathLike, trust: bool) -> tuple[Any, str]:
     """(raw object, kind) with kind 'safetensors' | 'torch' | 'pickle-trusted' | 'torchscript'."""
     p = Path(path)
     if not p.exists():
-        raise CheckpointError(f"checkpoint '{p}' does not exist")
+        raise CheckpointError(f"checkpoint '{p}' does not exist; check the path")
     if p.is_dir():
         raise CheckpointError(f"checkpoint '{p}' is a directory; pass the weights file inside it")
     try:

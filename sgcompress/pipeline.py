@@ -174,7 +174,7 @@ def prune_model(model: nn.Module, input_shape: tuple[int, int, int], config: Pru
 def build_report(plan, layers: dict[str, LayerInfo], before_macs, before_params, after_macs, after_params,
                  input_shape) -> dict[str, Any]:
     """Plain-data report: totals and per-layer MACs/params before and after."""
-    layers = []
+    rows = []
     pr_before = pr_after = 0
     for lp in plan.layers:
         mb = before_macs.by_layer.get(lp.name, layers[lp.name].macs if lp.name in layers else 0)
@@ -182,7 +182,7 @@ def build_report(plan, layers: dict[str, LayerInfo], before_macs, before_params,
         pr_before += mb
         pr_after += ma
         pb, pa = after_params.by_layer.get(lp.name, (0, 0))
-        layers.append({
+        rows.append({
             "name": lp.name, "kind": lp.kind, "macs_before": mb, "macs_after": ma,
             "params_before": pb, "params_after": pa, "sparsity": round(1 - lp.density, 6),
             "groups": lp.n_clusters, "blocks": len(lp.blocks),
@@ -197,7 +197,7 @@ def build_report(plan, layers: dict[str, LayerInfo], before_macs, before_params,
         "pruned_layers": {"count": len(plan.layers), "macs_before": pr_before, "macs_after": pr_after,
                           "macs_reduction": 1 - pr_after / pr_before if pr_before else 0.0},
         "settings": plan.settings,
-        "layers": layers,
+        "layers": rows,
         "skipped": [{"name": s.name, "reason": s.reason} for s in plan.skipped],
     }
 

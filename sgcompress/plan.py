@@ -130,6 +130,8 @@ class CompressionPlan:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CompressionPlan":
+        if not isinstance(d, dict):
+            raise ArtifactError("plan.json is not a JSON object; the artifact is damaged, re-create it")
         version = d.get("schema_version")
         if version != SCHEMA_VERSION:
             raise ArtifactError(

@@ -370,13 +370,9 @@ def test_report_on_an_artifact_with_a_damaged_plan(runner, artifact):
     assert_user_error(invoke(runner, "report", artifact), "plan.json")
 
 
-# Bugs found while writing these tests (sgcompress/ is not ours to edit): strict xfails that
-# turn into failures, to be un-marked, once the fix lands.
+# Damaged artifacts and impossible output paths (each was a traceback once).
 
 
-@pytest.mark.xfail(strict=True, raises=FileExistsError,
-                   reason="bug: save_artifact lets the OSError of atomic_directory's mkdir escape (traceback), "
-                          "and only after the whole prune ran")
 def test_output_below_a_file(runner, tiny_args, tmp_path):
     ckpt, base = tiny_args
     r = invoke(runner, "prune", ckpt, *base, "-o", ckpt / "out")
@@ -385,8 +381,6 @@ def test_output_below_a_file(runner, tiny_args, tmp_path):
     assert_user_error(r, "-o")
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError,
-                   reason="bug: CompressionPlan.from_dict calls d.get on whatever JSON plan.json holds")
 def test_report_on_a_plan_that_is_not_an_object(runner, artifact):
     (artifact / "plan.json").write_text("[1, 2]")
     r = invoke(runner, "report", artifact)
@@ -395,8 +389,6 @@ def test_report_on_a_plan_that_is_not_an_object(runner, artifact):
     assert_user_error(r, "plan.json")
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError,
-                   reason="bug: read_manifest checks format/format_version but not the 'model' entry")
 def test_report_on_a_manifest_without_a_model(runner, artifact):
     (artifact / "manifest.json").write_text('{"format": "sgcompress-artifact", "format_version": 1}')
     r = invoke(runner, "report", artifact)
