@@ -463,7 +463,10 @@ def export(
         _print_json(res.report)
         return
     m = res.report["macs"]
-    out.print(f"compact model: {render.macs(m['compact'])} (dense {render.macs(m['dense'])}); equivalence: max "
+    out.print(f"MACs per image: dense {render.macs(m['dense'])}, after pruning {render.macs(m['effective'])} "
+              f"(theoretical speedup {m['dense'] / m['effective']:.2f}x), executed by the compact model "
+              f"{render.macs(m['compact_executed'])}")
+    out.print(f"equivalence with the masked model: max "
               f"difference {res.report['equivalence']['max_rel_diff']:.1e} x max|output|, top-1 identical on "
               f"{res.report['equivalence']['checked']} inputs")
     for t in render.report_tables({"latency": res.report.get("latency", []), "original": {}, "compressed": {}},
@@ -559,6 +562,7 @@ def _root(
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not verbose:  # third-party warnings (torch, sklearn) would bury our one-line errors
         warnings.filterwarnings("ignore", category=UserWarning)
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -36,7 +36,7 @@ from .errors import ArtifactError, ExportError
 from .loading import ModelSpec, build_model, load_state_dict_strict
 from .metrics import count_macs, count_params, measure_latency
 from .plan import CompressionPlan
-from .surgery import _set_submodule, strip_masks
+from .surgery import strip_masks
 
 log = logging.getLogger(__name__)
 Progress = Callable[[dict], None]
@@ -85,7 +85,7 @@ def _latency_rows(models: dict[str, nn.Module], shape, batch_sizes, threads, mac
         base = rows[0]["median_ms"]
         for r in rows:
             r["speedup"] = base / r["median_ms"]
-            r["macs_speedup"] = macs["dense"] / macs[r["model"]] if macs.get(r["model"]) else None
+            r["macs_speedup"] = macs["dense"] / macs["effective"] if r["model"] != "dense" else 1.0
         out.append({"batch_size": bs, "threads": torch.get_num_threads() if threads is None else threads,
                     "rows": rows})
     return out
@@ -103,7 +103,7 @@ def export_compact(artifact: str | Path, output: str | Path | None, *, batch_siz
         threads: torch threads for every measurement (None: torch's default).
         check_inputs: inputs for the equivalence check (default: 8 seeded random batches).
     """
-    from .compact import materialize
+    from .compact import fvcore_handles, materialize
 
     art = load_artifact(artifact)
     if art.manifest.get("stage") == "compact":
@@ -113,15 +113,20 @@ def export_compact(artifact: str | Path, output: str | Path | None, *, batch_siz
     shape = art.input_shape
     masked = art.model.eval()
     example = torch.randn(batch_size, *shape, generator=torch.Generator().manual_seed(0))
-    compact, choices = materialize(masked, example, threads=threads, progress=progress)
+    compact, choices = materialize(
+        masked, example, threads=threads, plan=art.plan,
+        progress=(lambda name, i, total, chosen: progress({"layer": name, "index": i, "total": total,
+                                                            "strategy": chosen["strategy"]})) if progress else None)
     compact.eval()
     gen = torch.Generator().manual_seed(1)
     inputs = check_inputs or [torch.randn(4, *shape, generator=gen) for _ in range(8)]
     equivalence = check_equivalence(masked, compact, inputs)
 
     dense = strip_masks(copy.deepcopy(masked))
-    macs = {"dense": count_macs(dense, shape).total, "masked": count_macs(masked, shape).total,
-            "compact": count_macs(compact, shape).total}
+    # effective: what the plan leaves (pruned connections not counted), the theoretical floor;
+    # compact_executed: what the compact model really computes (groups merged or padded for speed)
+    macs = {"dense": count_macs(dense, shape).total, "effective": count_macs(masked, shape).total,
+            "compact_executed": count_macs(compact, shape, op_handles=fvcore_handles()).total}
     report: dict[str, Any] = {
         "units": {"macs": "multiply-accumulates per image (fvcore count)", "latency": "milliseconds per batch"},
         "input_shape": list(shape), "macs": macs, "params": {
@@ -157,20 +162,18 @@ def export_compact(artifact: str | Path, output: str | Path | None, *, batch_siz
 def load_compact(path: str | Path) -> nn.Module:
     """Rebuild a compact export (architecture from the manifest, compact layers from plan +
     compact.json, weights from safetensors) without pickle."""
-    from .compact import build_compact
+    from .compact import rebuild
 
     path = Path(path)
     manifest = read_manifest(path)
     if manifest.get("stage") != "compact" or not (path / "compact.json").is_file():
         raise ArtifactError(f"{path} is not a compact export (no compact.json); make one with `sgcompress export`")
     plan = CompressionPlan.from_json((path / "plan.json").read_text())
-    choices = json.loads((path / "compact.json").read_text())
-    model = build_model(ModelSpec.from_dict(manifest["model"]))
-    for lp in plan.layers:
-        old = model.get_submodule(lp.name)
-        choice = choices.get(lp.name, {"strategy": "dense", "options": {}})
-        _set_submodule(model, lp.name, build_compact(lp, choice["strategy"], choice.get("options", {}),
-                                                     bias=getattr(old, "bias", None) is not None))
+    try:
+        choices = json.loads((path / "compact.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path / 'compact.json'} is not valid JSON ({e}); re-export it") from e
+    model = rebuild(build_model(ModelSpec.from_dict(manifest["model"])), choices, plan=plan)
     try:
         state = load_file(str(path / "weights.safetensors"))
     except Exception as e:  # safetensors raises several types for damaged files
@@ -184,6 +187,9 @@ def export_torchscript(model: nn.Module, example: torch.Tensor, path: str | Path
     itself reads its own format back, not this one)."""
     import io
 
+    from .compact import portable
+
+    model = portable(copy.deepcopy(model))  # plain PyTorch ops only: loads without sgcompress
     with torch.inference_mode(False), torch.no_grad():
         try:
             scripted = torch.jit.trace(model.eval(), example, check_trace=False)
@@ -201,6 +207,9 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, *, ch
     import io
     import warnings
 
+    from .compact import portable
+
+    model = portable(copy.deepcopy(model))  # ONNX has no sgcompress::gconv
     buf = io.BytesIO()
     try:
         with warnings.catch_warnings():

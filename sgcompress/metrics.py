@@ -37,8 +37,10 @@ class MacsCount:
         return 2 * self.total
 
 
-def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> MacsCount:
-    """MACs for one image of ``input_shape`` (C,H,W), by fvcore with masked layers corrected."""
+def count_macs(model: nn.Module, input_shape: tuple[int, ...], op_handles: dict | None = None) -> MacsCount:
+    """MACs for one image of ``input_shape`` (C,H,W), by fvcore with masked layers corrected.
+
+    ``op_handles`` adds fvcore handles for custom operators (``{"ns::op": handle}``)."""
     with warnings.catch_warnings():  # fvcore's import calls the deprecated torch.jit.script
         warnings.simplefilter("ignore", FutureWarning)
         from fvcore.nn import FlopCountAnalysis
@@ -53,6 +55,8 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> MacsCount:
             warnings.simplefilter("ignore")
             fca = FlopCountAnalysis(model, (x,)).unsupported_ops_warnings(False).uncalled_modules_warnings(False)
             fca.tracer_warnings("none")
+            if op_handles:
+                fca.set_op_handle(**op_handles)
             total = int(fca.total())
             by_module = fca.by_module()
             unsupported = dict(fca.unsupported_ops())

@@ -79,7 +79,7 @@ def latency_tables(latency: list[dict[str, Any]]) -> list[Table]:
     tables = []
     for lat in latency:
         lt = Table(title=f"Measured latency, batch {lat['batch_size']}, {lat['threads']} threads (median)")
-        for col in ("model", "ms per batch", "speedup (measured)", "speedup (MACs)"):
+        for col in ("model", "ms per batch", "speedup (measured)", "speedup allowed by MACs"):
             lt.add_column(col, justify="right")
         for row in lat["rows"]:
             lt.add_row(row["model"], f"{row['median_ms']:.2f}", f"{row['speedup']:.2f}x",
