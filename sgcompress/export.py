@@ -91,9 +91,26 @@ def _latency_rows(models: dict[str, nn.Module], shape, batch_sizes, threads, mac
     return out
 
 
+def fixed_choices(plan: CompressionPlan, strategy: str) -> dict[str, Any]:
+    """Every layer in ``strategy`` (with its default options), without measuring: the same
+    shapes on every machine, which a size gate in CI needs. Strided convs cannot use the
+    native kernel and fall back to ``split``."""
+    from .compact import default_candidates
+    from .compact.factory import CONV_STRATEGIES
+
+    if strategy not in CONV_STRATEGIES:
+        raise ExportError(f"unknown strategy {strategy!r}; use auto or one of {', '.join(CONV_STRATEGIES)}")
+    choices = {}
+    for lp in plan.layers:
+        cands = default_candidates(lp)
+        pick = next((c for c in cands if c[0] == strategy), None) or next(c for c in cands if c[0] == "split")
+        choices[lp.name] = {"strategy": pick[0], "options": pick[1], "seconds": {}}
+    return choices
+
+
 def export_compact(artifact: str | Path, output: str | Path | None, *, batch_size: int = 1,
                    batch_sizes: tuple[int, ...] = (1, 32), threads: int | None = None, overwrite: bool = False,
-                   measure: bool = True, check_inputs: list[torch.Tensor] | None = None,
+                   measure: bool = True, check_inputs: list[torch.Tensor] | None = None, strategy: str = "auto",
                    progress: Progress | None = None) -> ExportResult:
     """Materialise the fastest compact model of a masked artifact and (with ``output``) save it.
 
@@ -102,6 +119,8 @@ def export_compact(artifact: str | Path, output: str | Path | None, *, batch_siz
         batch_sizes: batches for the latency report of dense / masked / compact.
         threads: torch threads for every measurement (None: torch's default).
         check_inputs: inputs for the equivalence check (default: 8 seeded random batches).
+        strategy: "auto" measures every layer's strategies and keeps the fastest (never slower
+            than dense); a strategy name uses it everywhere without measuring (deterministic).
     """
     from .compact import fvcore_handles, materialize
 
@@ -115,6 +134,7 @@ def export_compact(artifact: str | Path, output: str | Path | None, *, batch_siz
     example = torch.randn(batch_size, *shape, generator=torch.Generator().manual_seed(0))
     compact, choices = materialize(
         masked, example, threads=threads, plan=art.plan,
+        choices=None if strategy == "auto" else fixed_choices(art.plan, strategy),
         progress=(lambda name, i, total, chosen: progress({"layer": name, "index": i, "total": total,
                                                             "strategy": chosen["strategy"]})) if progress else None)
     compact.eval()
@@ -146,7 +166,7 @@ def export_compact(artifact: str | Path, output: str | Path | None, *, batch_siz
     if output is not None:
         manifest = make_manifest(art.spec, stage="compact", source=str(Path(artifact).resolve()),
                                  settings={"export": {"batch_size": batch_size, "threads": threads,
-                                                      "device": "cpu"}}, parent=art.manifest)
+                                                      "strategy": strategy, "device": "cpu"}}, parent=art.manifest)
         with _io.atomic_directory(output, overwrite=overwrite) as tmp:
             (tmp / "plan.json").write_text(art.plan.to_json())
             (tmp / "compact.json").write_text(json.dumps(choices, indent=1) + "\n")
