@@ -240,6 +240,9 @@ def prune(
     target_macs: Annotated[Optional[float], typer.Option(
         "--target-macs", help="Instead of --ratio: end at most at this fraction of the original MACs, e.g. 0.5.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="k-means seed (same seed, same plan).")] = 0,
+    round_to: Annotated[int, typer.Option(
+        "--round-to", help="Round every group's kept inputs to a multiple of N (odd widths run slowly); "
+                           "accuracy after pruning shows the cost when --data is given.")] = 1,
     include: Include = None, exclude: Exclude = None,
     force: Annotated[bool, typer.Option("--force", help="Replace the output directory if it exists.")] = False,
     scheme: Annotated[Scheme, typer.Option("--scheme", help="'local' retrains after every pruning step (needs --data).")] = Scheme.none,
@@ -262,7 +265,7 @@ def prune(
         fail("--scheme local retrains after every step and needs --data")
 
     cfg = _prune_config(groups=groups, ratio=ratio, fc_ratio=fc_ratio, steps=steps, target_macs=target_macs,
-                        seed=seed, include=include, exclude=exclude)
+                        seed=seed, include=include, exclude=exclude, round_to=round_to)
     check_output_dir(output, force)
     lm = _load(checkpoint, arch, arch_kwargs, num_classes, input_shape, trust_checkpoint)
     with _progress() as bar:

@@ -22,6 +22,7 @@ class PruneConfig:
     include / exclude: glob patterns of module names (see selection.py).
     target_macs: instead of ``ratio``, the fraction of the original MACs to end at or below.
     n_init / max_iter: k-means restarts and iterations (the authors': 10 and 300).
+    round_to: after the last step, round every group's kept inputs to a multiple of this.
     """
 
     groups: int = 4
@@ -34,6 +35,7 @@ class PruneConfig:
     target_macs: float | None = None
     n_init: int = 10
     max_iter: int = 300
+    round_to: int = 1  # round every group's kept inputs to a multiple of this (1: no rounding)
 
     def __post_init__(self) -> None:
         if isinstance(self.groups, bool) or not isinstance(self.groups, int) or self.groups < 1:
@@ -48,6 +50,8 @@ class PruneConfig:
             raise ConfigError(
                 f"target_macs={self.target_macs!r} must be in (0, 1]: the fraction of the original MACs to keep, e.g. --target-macs 0.5"
             )
+        if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
+            raise ConfigError(f"round_to={self.round_to!r} must be a whole number >= 1 (--round-to 8)")
         if self.n_init < 1 or self.max_iter < 1:
             raise ConfigError("n_init and max_iter must be >= 1")
         object.__setattr__(self, "include", tuple(self.include))

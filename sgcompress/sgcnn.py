@@ -51,6 +51,39 @@ def prune_step(weight: torch.Tensor, mask: torch.Tensor, n_clusters: int, cp: fl
     return StepResult(new_mask, labels, threshold)
 
 
+def round_kept_inputs(mask: torch.Tensor, importance: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Round every group's kept-input count to the nearest multiple of ``multiple``.
+
+    A group is a set of filters with identical mask rows. Rounding up adds the group's most
+    important pruned inputs (importance summed over its filters, from the original weights);
+    rounding down drops its least important kept ones. A group that keeps any input keeps
+    at least ``multiple`` (if the layer has that many). Odd widths are slow on most
+    kernels; the cost of rounding down shows in the accuracy after pruning.
+    """
+    new = mask.clone()
+    c_in = mask.shape[1]
+    rows = (mask != 0).numpy()
+    groups: dict[bytes, list[int]] = {}
+    for j, row in enumerate(rows):
+        groups.setdefault(row.tobytes(), []).append(j)
+    for filters in groups.values():
+        kept = rows[filters[0]]
+        k = int(kept.sum())
+        if k == 0:
+            continue
+        target = min(c_in, max(multiple, multiple * round(k / multiple)))
+        if target == k:
+            continue
+        score = importance[filters].sum(0).numpy()
+        if target > k:
+            order = [i for i in np.argsort(-score, kind="stable") if not kept[i]][: target - k]
+            new[np.ix_(filters, order)] = 1.0
+        else:
+            order = [i for i in np.argsort(score, kind="stable") if kept[i]][: k - target]
+            new[np.ix_(filters, order)] = 0.0
+    return new
+
+
 ProgressFn = Callable[[dict], None]
 
 
@@ -82,6 +115,7 @@ def sgcnn_prune(
         if not isinstance(mod, MASKED_TYPES):
             raise TypeError(f"layer {name!r} is not masked; convert it with surgery.to_masked first")
     labels: dict[str, np.ndarray] = {n: np.zeros(m.connection_mask.shape[0], dtype=np.int64) for n, m in modules.items()}
+    originals = {n: m.weight.detach().clone() for n, m in modules.items()} if config.round_to > 1 else {}
     done_cp: dict[str, float] = {n: 0.0 for n in targets}
     n_steps = len(conv_sched)
     for s in range(n_steps):
@@ -97,6 +131,14 @@ def sgcnn_prune(
             mod.set_mask(res.mask)
             labels[name] = res.labels
             done_cp[name] = cp
+        if config.round_to > 1 and s == n_steps - 1:
+            for name, mod in modules.items():
+                rounded = round_kept_inputs(mod.connection_mask.cpu(), connection_l1(originals[name]),
+                                            config.round_to)
+                added = (rounded.to(mod.connection_mask) > mod.connection_mask).view(*rounded.shape, *[1] * (mod.weight.dim() - 2))
+                with torch.no_grad():  # only connections brought back get their pretrained values
+                    mod.weight.copy_(torch.where(added, originals[name], mod.weight))
+                mod.set_mask(rounded.to(mod.connection_mask))
         if after_step is not None:
             after_step(s, conv_sched[s])
 

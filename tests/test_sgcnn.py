@@ -114,3 +114,34 @@ def test_whole_schedule_reaches_the_ratio_and_is_reproducible():
     assert plan2.to_json() == plan.to_json()
     # pruned weights are exactly zero in the layer itself
     assert (m[0].weight[m[0].connection_mask == 0] == 0).all()
+
+
+def test_round_kept_inputs_by_hand():
+    from sgcompress.sgcnn import round_kept_inputs
+
+    # group A = filters 0,1 keep 3 of 8 inputs; group B = filter 2 keeps 6; filter 3 keeps none
+    mask = torch.zeros(4, 8)
+    mask[0:2, [0, 1, 2]] = 1
+    mask[2, [0, 1, 2, 3, 4, 5]] = 1
+    importance = torch.arange(32, dtype=torch.float64).view(4, 8)  # later inputs are more important
+    r = round_kept_inputs(mask, importance, 4)
+    # A: 3 -> 4, adds its most important pruned input (7); B: 6 -> 8 (nearest multiple, ties go up
+    # with Python's round(1.5) = 2), adds 7 and 6; the empty filter stays empty
+    assert r[0].nonzero().flatten().tolist() == [0, 1, 2, 7] and torch.equal(r[0], r[1])
+    assert r[2].nonzero().flatten().tolist() == [0, 1, 2, 3, 4, 5, 6, 7]
+    assert r[3].sum() == 0
+    # with multiple 5, A: 3 -> 5 (rounds up to 5); B: 6 -> 5 drops its least important kept input (0)
+    r5 = round_kept_inputs(mask, importance, 5)
+    assert int(r5[0].sum()) == 5 and r5[2].nonzero().flatten().tolist() == [1, 2, 3, 4, 5]
+
+
+def test_round_to_in_the_schedule_restores_pretrained_values():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(16, 32, 3)
+    m = torch.nn.Sequential(MaskedConv2d.from_dense(copy.deepcopy(conv)))
+    sgcnn_prune(m, ["0"], PruneConfig(groups=4, ratio=0.5, round_to=4), kinds={"0": "conv"})
+    layer = m[0]
+    assert all(int(row.sum()) % 4 == 0 for row in layer.connection_mask)
+    kept = layer.connection_mask.bool()
+    assert torch.equal(layer.weight[kept], conv.weight[kept])  # every kept weight is the pretrained one
+    assert (layer.weight[~kept] == 0).all()
