@@ -33,6 +33,8 @@ def default_candidates(lp: LayerPlan) -> list[tuple[str, dict[str, Any]]]:
     cands: list[tuple[str, dict[str, Any]]] = [("dense", {})]
     if tuple(lp.stride) == (1, 1):
         cands += [("kernel", {"merge": "cost", "tile": 8}), ("kernel", {"merge": "labels", "tile": 8})]
+        if lp.out_channels < 16 * g:  # small clusters: half-width tiles may beat merging
+            cands.append(("kernel", {"merge": "cost", "tile": 4}))
     cands += [("split", {"merge": "labels", "max_groups": g}), ("grouped", {"merge": "labels", "max_groups": g})]
     return cands
 
