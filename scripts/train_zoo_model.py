@@ -182,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         "parameters": sum(p_.numel() for p_ in model.parameters()),
         "training": {"epochs": args.epochs, "batch_size": args.batch_size, "optimizer": "SGD nesterov momentum 0.9",
                      "peak_lr": args.lr, "schedule": "one-cycle (linear warm-up 15 %, cosine)",
-                     "weight_decay": args.weight_decay, "augmentation": "random crop (pad 4) + horizontal flip",
+                     "weight_decay": args.weight_decay, "weight_decay_on": "conv and linear weights (not BN, not biases)",
+                     "augmentation": "random crop (pad 4) + horizontal flip",
                      "threads": args.threads, "history": [
                          {"epoch": e, "train_loss": round(l, 4), "val_accuracy": round(v, 4), "seconds": round(s, 1)}
                          for e, l, v, s in history]},

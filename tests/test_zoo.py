@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from sgcompress.errors import ConfigError
@@ -97,3 +101,44 @@ def test_kaiming_init_and_small_head():
 def test_bad_arguments(bad):
     with pytest.raises(ConfigError):
         resnet20(**bad)
+
+
+# --------------------------------------------------------------------------- the shipped model
+
+ASSETS = Path(__file__).resolve().parent.parent / "sgcompress" / "assets"
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+def _shipped():
+    meta = json.loads((ASSETS / "resnet20_fashion_mnist.json").read_text())
+    weights = load_file(str(ASSETS / "resnet20_fashion_mnist.safetensors"))
+    return meta, weights
+
+
+def test_shipped_model_loads_and_matches_its_metadata():
+    meta, weights = _shipped()
+    assert meta["arch"] == "sgcompress:resnet20" and meta["input_shape"] == [1, 28, 28]
+    assert meta["arch_kwargs"] == {"num_classes": 10, "in_channels": 1, "width": 16}
+    assert meta["test_accuracy"] >= 0.91 and meta["val_accuracy"] >= 0.91
+    model = MODELS["resnet20"](**meta["arch_kwargs"])
+    model.load_state_dict(weights, strict=True)
+    floats = [v for k, v in weights.items() if not k.endswith("num_batches_tracked")]
+    assert all(v.dtype == torch.float32 for v in floats)
+    assert sum(v.numel() for v in floats) == 272_186 + sum(  # parameters + BN running stats
+        2 * m.num_features for m in model.modules() if isinstance(m, nn.BatchNorm2d)
+    )
+
+
+@pytest.mark.skipif(not (FASHION / "t10k-images-idx3-ubyte.gz").is_file(), reason="Fashion-MNIST not installed")
+def test_shipped_model_classifies_real_test_images():
+    from sgcompress.data import load_data
+
+    meta, weights = _shipped()
+    model = MODELS["resnet20"](**meta["arch_kwargs"]).eval()
+    model.load_state_dict(weights)
+    b = load_data(str(FASHION), input_shape=tuple(meta["input_shape"]), mean=meta["mean"], std=meta["std"])
+    x = torch.stack([b.test[i][0] for i in range(500)])
+    y = torch.tensor([b.test[i][1] for i in range(500)])
+    with torch.no_grad():
+        acc = float((model(x).argmax(1) == y).float().mean())
+    assert acc >= 0.88  # 91.85 % on all 10,000; 500 images leave a few points of noise
