@@ -53,3 +53,39 @@ def tiny_file(tmp_path):
     ckpt = tmp_path / "tiny.pt"
     torch.save(TinyNet().state_dict(), ckpt)
     return ckpt, src
+
+
+def write_tiny_files(folder, num_classes: int = 10):
+    """Write ``tinynet.py`` (the TinyNet class) and ``tiny.pt`` (a seeded state_dict) into ``folder``."""
+    import inspect
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    src = folder / "tinynet.py"
+    src.write_text("import torch\nfrom torch import nn\n\n\n" + inspect.getsource(TinyNet))
+    torch.manual_seed(0)
+    ckpt = folder / ("tiny.pt" if num_classes == 10 else f"tiny-{num_classes}classes.pt")
+    torch.save(TinyNet(num_classes=num_classes).state_dict(), ckpt)
+    return ckpt, src
+
+
+@pytest.fixture(scope="module")
+def tiny_file_module(tmp_path_factory):
+    """Like ``tiny_file``, shared by the tests of one module (for artifacts built once per module)."""
+    return write_tiny_files(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread while a module runs: the test machine's cores are shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def write_tiny():
+    """``write_tiny_files`` for tests that need TinyNet saved with other settings (e.g. num_classes=5)."""
+    return write_tiny_files
