@@ -278,3 +278,15 @@ def test_onnx_export_of_portable_module(tmp_path):
     got = torch.from_numpy(sess.run(None, {"x": x.numpy()})[0])
     with torch.no_grad():
         assert max_rel_error(mod(x), got) <= TOL
+
+
+@pytest.mark.parametrize("k,pad,dil,size", [(1, 0, 1, 12), (1, 0, 1, 33), (3, 1, 1, 30), (3, 2, 2, 17), (5, 2, 1, 7)])
+def test_kernel_tile_widths_chunks_and_half_tiles(k, pad, dil, size):
+    # planes chosen to use both register-tile widths (32/48 pixels), several chunks,
+    # row-wrap lanes (padding) and clusters of 13 filters (8-wide + 4-wide tiles)
+    conv, lp = masked_conv(10, 26, k, 1, pad, dil, True, 2, 0.5, 7)
+    x = torch.randn(2, 10, size, size)
+    with torch.no_grad():
+        for options in ({"merge": "labels"}, {"merge": "blocks"}):
+            mod = compact_from_masked(conv, lp, "kernel", options)
+            assert max_rel_error(conv(x), mod(x)) <= TOL

@@ -50,31 +50,37 @@ inline void store_vec(float* orow, __m512 a, int64_t qs, int64_t Qmax, int64_t W
   _mm512_mask_storeu_ps(orow + first, tail_mask(cnt), c);
 }
 
-#define SG_Z(r) __m512 a##r##0 = _mm512_setzero_ps(), a##r##1 = _mm512_setzero_ps();
+#define SG_Z(r) __m512 a##r##0 = _mm512_setzero_ps(), a##r##1 = _mm512_setzero_ps(), a##r##2 = _mm512_setzero_ps();
 #define SG_F(r) { const __m512 wb = _mm512_set1_ps(w[r]); \
-    a##r##0 = _mm512_fmadd_ps(wb, x0, a##r##0); a##r##1 = _mm512_fmadd_ps(wb, x1, a##r##1); }
+    a##r##0 = _mm512_fmadd_ps(wb, x0, a##r##0); a##r##1 = _mm512_fmadd_ps(wb, x1, a##r##1); \
+    if (NV > 2) a##r##2 = _mm512_fmadd_ps(wb, x2, a##r##2); }
 #define SG_S(r) if (R > r) { const int64_t f = fo[r]; if (f >= 0) { \
     const __m512 b = _mm512_set1_ps(bp ? bp[f] : 0.f); float* orow = op + f * plane_out; \
     store_vec(orow, _mm512_add_ps(a##r##0, b), q0, Qmax, Wp, Wo); \
-    store_vec(orow, _mm512_add_ps(a##r##1, b), q0 + 16, Qmax, Wp, Wo); } }
+    store_vec(orow, _mm512_add_ps(a##r##1, b), q0 + 16, Qmax, Wp, Wo); \
+    if (NV > 2) store_vec(orow, _mm512_add_ps(a##r##2, b), q0 + 32, Qmax, Wp, Wo); } }
+#define SG_STEP(xs) { \
+    const __m512 x0 = _mm512_maskz_loadu_ps(m0, (xs)); \
+    const __m512 x1 = _mm512_maskz_loadu_ps(m1, (xs) + 16); \
+    const __m512 x2 = NV > 2 ? _mm512_maskz_loadu_ps(m2, (xs) + 32) : _mm512_setzero_ps(); \
+    SG_F(0) SG_F(1) SG_F(2) SG_F(3) \
+    if (R > 4) { SG_F(4) SG_F(5) SG_F(6) SG_F(7) } }
 
-template <int R>
-void tile_avx512(const float* const* rows, int64_t K, const float* w, const int64_t* tp, int64_t KK,
+// One tile of R (8 or 4) filters over pixels [q_begin, q_end), 16*NV pixels per register tile.
+template <int R, int NV>
+void tile_avx512(const float* const* rows, int64_t K, const float* wt, const int64_t* tp, int64_t KK,
                  const int64_t* fo, const float* bp, float* op, int64_t plane_out,
                  int64_t q_begin, int64_t q_end, int64_t Qmax, int64_t Wp, int64_t Wo) {
-  for (int64_t q0 = q_begin; q0 < q_end; q0 += kPT) {
-    const __mmask16 m0 = tail_mask(Qmax - q0), m1 = tail_mask(Qmax - q0 - 16);
+  for (int64_t q0 = q_begin; q0 < q_end; q0 += 16 * NV) {
+    const __mmask16 m0 = tail_mask(Qmax - q0), m1 = tail_mask(Qmax - q0 - 16), m2 = tail_mask(Qmax - q0 - 32);
     SG_Z(0) SG_Z(1) SG_Z(2) SG_Z(3) SG_Z(4) SG_Z(5) SG_Z(6) SG_Z(7)
-    const float* wk = w;
-    for (int64_t k = 0; k < K; ++k) {
-      const float* xr = rows[k] + q0;
-      for (int64_t a = 0; a < KK; ++a, wk += kR) {
-        const float* xs = xr + tp[a];
-        const __m512 x0 = _mm512_maskz_loadu_ps(m0, xs);
-        const __m512 x1 = _mm512_maskz_loadu_ps(m1, xs + 16);
-        const float* w = wk;
-        SG_F(0) SG_F(1) SG_F(2) SG_F(3)
-        if (R > 4) { SG_F(4) SG_F(5) SG_F(6) SG_F(7) }
+    const float* w = wt;
+    if (KK == 1) {
+      for (int64_t k = 0; k < K; ++k, w += kR) SG_STEP(rows[k] + q0)
+    } else {
+      for (int64_t k = 0; k < K; ++k) {
+        const float* xr = rows[k] + q0;
+        for (int64_t a = 0; a < KK; ++a, w += kR) SG_STEP(xr + tp[a])
       }
     }
     SG_S(0) SG_S(1) SG_S(2) SG_S(3) SG_S(4) SG_S(5) SG_S(6) SG_S(7)
@@ -87,7 +93,7 @@ void tile_generic(const float* const* rows, int64_t K, const float* w, const int
                   int64_t q_begin, int64_t q_end, int64_t Qmax, int64_t Wp, int64_t Wo) {
   float acc[kR][kPT];
   for (int64_t q0 = q_begin; q0 < q_end; q0 += kPT) {
-    const int64_t n = std::min<int64_t>(kPT, Qmax - q0);
+    const int64_t n = std::min<int64_t>(kPT, q_end - q0);
     for (int64_t r = 0; r < kR; ++r) for (int64_t l = 0; l < kPT; ++l) acc[r][l] = 0.f;
     const float* wk = w;
     for (int64_t k = 0; k < K; ++k) {
@@ -142,7 +148,10 @@ at::Tensor sg_gconv(const at::Tensor& x_in, const at::Tensor& wpack, const at::T
   const at::Tensor bc = bias.numel() > 0 ? bias.contiguous() : bias;
   const float* bp = bias.numel() > 0 ? bc.data_ptr<float>() : nullptr;
   float* op = out.data_ptr<float>();
-  const int64_t QC = 8 * kPT;
+  // register tile width: 48 pixels unless that pads the plane noticeably more than 32 does
+  const int64_t pad48 = (Qmax + 47) / 48 * 48, pad32 = (Qmax + 31) / 32 * 32;
+  const int NV = (pad48 * 100 <= pad32 * 105) ? 3 : 2;
+  const int64_t QC = NV == 3 ? 480 : 512;
   const int64_t nchunk = (Qmax + QC - 1) / QC;
   at::parallel_for(0, N * nchunk * T, 1, [&](int64_t begin, int64_t end) {
     std::vector<const float*> rows;
@@ -155,10 +164,10 @@ at::Tensor sg_gconv(const at::Tensor& x_in, const at::Tensor& wpack, const at::T
       const int64_t qb = c * QC, qe = std::min(Qmax, qb + QC);
       float* on = op + n * C_out * plane_out;
 #if defined(__AVX512F__)
-      if (tr[t] > 4)
-        tile_avx512<8>(rows.data(), K, wp + tw[t], tp, KK, to + t * kR, bp, on, plane_out, qb, qe, Qmax, Wp, Wo);
-      else
-        tile_avx512<4>(rows.data(), K, wp + tw[t], tp, KK, to + t * kR, bp, on, plane_out, qb, qe, Qmax, Wp, Wo);
+#define SG_CALL(R_, NV_) tile_avx512<R_, NV_>(rows.data(), K, wp + tw[t], tp, KK, to + t * kR, bp, on, plane_out, \
+                                               qb, qe, Qmax, Wp, Wo)
+      if (tr[t] > 4) { if (NV == 3) SG_CALL(8, 3); else SG_CALL(8, 2); }
+      else { if (NV == 3) SG_CALL(4, 3); else SG_CALL(4, 2); }
 #else
       tile_generic(rows.data(), K, wp + tw[t], tp, KK, to + t * kR, tr[t], bp, on, plane_out, qb, qe, Qmax, Wp, Wo);
 #endif

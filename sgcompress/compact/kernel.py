@@ -9,8 +9,10 @@ with ``torch.utils.cpp_extension.load_inline`` and cached by PyTorch), else
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import platform
 import threading
 
 import torch
@@ -61,6 +63,19 @@ def _gconv_fake(x, wpack, tile_out, tile_k, tile_w, tile_r, kidx, bias, C_out, k
     return x.new_empty(n, C_out, hp - dh * (kh - 1), wp - dw * (kw - 1))
 
 
+def _build_name() -> str:
+    """Extension name: the build uses -march=native, so the CPU's feature flags are part of it
+    (a cached build is never loaded on a CPU it was not compiled for)."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        pass
+    digest = hashlib.sha1((flags + platform.machine()).encode()).hexdigest()[:10]
+    return f"sgcompress_gconv_{digest}"
+
+
 def _build() -> bool:
     if os.environ.get("SGCOMPRESS_NO_KERNEL") == "1":
         _state["error"] = "disabled by SGCOMPRESS_NO_KERNEL=1"
@@ -69,7 +84,7 @@ def _build() -> bool:
         from torch.utils.cpp_extension import load_inline
 
         load_inline(
-            name="sgcompress_gconv",
+            name=_build_name(),
             cpp_sources=[KERNEL_SOURCE],
             extra_cflags=["-O3", "-march=native", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
