@@ -290,3 +290,13 @@ def test_kernel_tile_widths_chunks_and_half_tiles(k, pad, dil, size):
         for options in ({"merge": "labels"}, {"merge": "blocks"}):
             mod = compact_from_masked(conv, lp, "kernel", options)
             assert max_rel_error(conv(x), mod(x)) <= TOL
+
+
+def test_unknown_strategy_is_a_config_error():
+    from sgcompress.errors import ConfigError
+
+    conv, lp = masked_conv(4, 4, 1, 1, 0, 1, False, 2, 0.5, 0)
+    with pytest.raises(ConfigError, match="unknown compact strategy 'sparse'"):
+        measure_layer(conv, lp, torch.randn(1, 4, 3, 3), repeats=1, strategies=["sparse"])
+    with pytest.raises(ConfigError, match="kernel needs stride 1"):
+        build_compact(plan_from_masked("s", MaskedConv2d(4, 4, 3, stride=2)), "kernel", {}, bias=False)

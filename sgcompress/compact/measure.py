@@ -20,7 +20,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..layers import MASKED_TYPES
 from ..plan import CompressionPlan, LayerPlan
-from .factory import (_set_submodule, applicable, build_compact, compact_from_masked, default_candidates,
+from .factory import (CONV_STRATEGIES, LINEAR_STRATEGIES, _set_submodule, applicable, build_compact, compact_from_masked, default_candidates,
                       plan_from_masked, strategy_key)
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,9 @@ def _candidates(lp: LayerPlan, strategies) -> list[tuple[str, dict[str, Any]]]:
         cands = []
         for s in strategies:
             strat, opts = (s, {}) if isinstance(s, str) else (s[0], dict(s[1]))
+            if strat not in CONV_STRATEGIES + LINEAR_STRATEGIES:
+                raise ConfigError(f"unknown compact strategy {strat!r}; use one of "
+                                  f"{', '.join(sorted(set(CONV_STRATEGIES + LINEAR_STRATEGIES)))}")
             if applicable(lp, strat):
                 cands.append((strat, opts))
     if not any(s == "dense" for s, _ in cands):
