@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_model
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import _io
@@ -108,6 +108,53 @@ def fixed_choices(plan: CompressionPlan, strategy: str) -> dict[str, Any]:
     return choices
 
 
+def _weight_mask(lp, shape) -> torch.Tensor:
+    m = lp.mask().bool()
+    return m.view(*m.shape, *[1] * (len(shape) - 2)).expand(shape)
+
+
+def packed_state(compact: nn.Module, plan: CompressionPlan, choices: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The compact model's state_dict with the weights of layers kept in dense form stored as
+    their kept entries only (1-D, row-major), so pruned connections are never stored."""
+    state = {k: v.detach().contiguous() for k, v in compact.state_dict().items()}
+    seen: dict[int, str] = {}
+    for k in list(state):  # tied tensors are stored once (safetensors refuses shared memory)
+        ptr = state[k].data_ptr()
+        if state[k].numel() and ptr in seen:
+            del state[k]
+        else:
+            seen[ptr] = k
+    for name, choice in choices.items():
+        key = f"{name}.weight"
+        if choice["strategy"] == "dense" and key in state:
+            w = state[key]
+            state[key] = w[_weight_mask(plan.layer(name), w.shape)].clone()
+    return state
+
+
+def unpack_state(state: dict[str, torch.Tensor], model: nn.Module, plan: CompressionPlan,
+                 choices: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`packed_state` for ``model`` (built by ``compact.rebuild``)."""
+    full = model.state_dict()
+    for name, choice in choices.items():
+        key = f"{name}.weight"
+        if choice["strategy"] == "dense" and key in state and state[key].dim() == 1:
+            shape = full[key].shape
+            mask = _weight_mask(plan.layer(name), shape)
+            if int(mask.sum()) != state[key].numel():
+                raise ArtifactError(f"{key}: {state[key].numel()} stored weights, the plan keeps {int(mask.sum())}; "
+                                    "the export is damaged, re-export it")
+            w = torch.zeros(shape, dtype=state[key].dtype)
+            w[mask] = state[key]
+            state[key] = w
+    for key, value in full.items():  # restore tied tensors under their second name
+        if key not in state:
+            twin = next((k for k, v in full.items() if k in state and v.data_ptr() == value.data_ptr()), None)
+            if twin is not None:
+                state[key] = state[twin]
+    return state
+
+
 def export_compact(artifact: str | Path, output: str | Path | None, *, batch_size: int = 1,
                    batch_sizes: tuple[int, ...] = (1, 32), threads: int | None = None, overwrite: bool = False,
                    measure: bool = True, check_inputs: list[torch.Tensor] | None = None, strategy: str = "auto",
@@ -124,9 +171,9 @@ def export_compact(artifact: str | Path, output: str | Path | None, *, batch_siz
     """
     from .compact import fvcore_handles, materialize
 
-    art = load_artifact(artifact)
-    if art.manifest.get("stage") == "compact":
+    if read_manifest(artifact).get("stage") == "compact":
         raise ArtifactError(f"{artifact} is already a compact export; export the pruned or fine-tuned artifact")
+    art = load_artifact(artifact)
     if output is not None and Path(output).exists() and not overwrite:
         raise ArtifactError(f"{output} already exists; choose another -o or pass --force to replace it")
     shape = art.input_shape
@@ -170,8 +217,8 @@ def export_compact(artifact: str | Path, output: str | Path | None, *, batch_siz
         with _io.atomic_directory(output, overwrite=overwrite) as tmp:
             (tmp / "plan.json").write_text(art.plan.to_json())
             (tmp / "compact.json").write_text(json.dumps(choices, indent=1) + "\n")
-            save_model(compact, str(tmp / "weights.safetensors"), metadata={"format": FORMAT, "stage": "compact"},
-                       force_contiguous=True)
+            save_file(packed_state(compact, art.plan, choices), str(tmp / "weights.safetensors"),
+                      metadata={"format": FORMAT, "stage": "compact"})
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
             report["files"] = {"weights.safetensors": (tmp / "weights.safetensors").stat().st_size}
             (tmp / "report.json").write_text(json.dumps(report, indent=1) + "\n")
@@ -198,7 +245,7 @@ def load_compact(path: str | Path) -> nn.Module:
         state = load_file(str(path / "weights.safetensors"))
     except Exception as e:  # safetensors raises several types for damaged files
         raise ArtifactError(f"{path / 'weights.safetensors'} cannot be read ({e}); re-export it") from e
-    load_state_dict_strict(model, state, source=str(path / "weights.safetensors"))
+    load_state_dict_strict(model, unpack_state(state, model, plan, choices), source=str(path / "weights.safetensors"))
     return model.eval()
 
 

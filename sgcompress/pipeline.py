@@ -205,7 +205,8 @@ def build_report(plan, layers: dict[str, LayerInfo], before_macs, before_params,
 def prune(loaded: LoadedModel, config: PruneConfig, *, output: str | Path | None = None,
           overwrite: bool = False, progress: Progress | None = None,
           after_step: Callable[[nn.Module, int, float], None] | None = None,
-          before_save: Callable[[PruneResult], None] | None = None) -> PruneResult:
+          before_save: Callable[[PruneResult], None] | None = None,
+          extra_settings: dict[str, Any] | None = None) -> PruneResult:
     """Prune a loaded model and, with ``output``, write the artifact directory atomically.
 
     ``after_step(model, step, cp)`` runs after every pruning step (the L scheme);
@@ -218,7 +219,7 @@ def prune(loaded: LoadedModel, config: PruneConfig, *, output: str | Path | None
         before_save(res)
     if output is not None:
         manifest = make_manifest(loaded.spec, stage="pruned", source=loaded.source,
-                                 settings={"prune": res.config.to_dict()})
+                                 settings={"prune": res.config.to_dict(), **(extra_settings or {})})
         res.path = save_artifact(output, res.model, res.plan, manifest, res.report, overwrite=overwrite)
         size = (res.path / "weights.safetensors").stat().st_size
         res.report["files"] = {"weights.safetensors": size}

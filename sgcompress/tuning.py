@@ -159,6 +159,8 @@ def finetune(artifact: str | Path, data: DataBundle, config: TrainConfig, output
                              settings={"finetune": {"scheme": "global", **config.to_dict(), "bn_batches": bn_batches,
                                                     "data": data.name}}, parent=art.manifest)
     report = dict(art.report or {})
+    if "accuracy" in report:  # what pruning measured (before/after, and the L scheme's steps)
+        metrics["pruning"] = report["accuracy"]
     report["accuracy"] = metrics
     extra = {LOG_NAME: (work / LOG_NAME).read_bytes()} if (work / LOG_NAME).is_file() else None
     path = save_artifact(output, model, art.plan, manifest, report, overwrite=overwrite, extra_files=extra)
@@ -211,8 +213,11 @@ def prune_with_data(loaded, prune_config, data: DataBundle, *, output=None, over
         if after_step is not None:
             res.report["accuracy"]["local_steps"] = after_step.history
 
+    extra = {"data": {"name": data.name, "bn_batches": bn_batches}, "scheme": scheme}
+    if local_config is not None and scheme == "local":
+        extra["local"] = local_config.to_dict()
     res = prune(loaded, prune_config, output=output, overwrite=overwrite, progress=progress,
-                after_step=after_step, before_save=before_save)
+                after_step=after_step, before_save=before_save, extra_settings=extra)
     if after_step is not None and res.path is not None:
         shutil.rmtree(work, ignore_errors=True)
     return res

@@ -305,7 +305,7 @@ BN_RNG_BUG = ("recalibrate_bn draws the training set's random crops from the glo
               "before; the same command twice gives different weights")
 
 
-@pytest.mark.xfail(strict=True, reason=BN_RNG_BUG)
+
 def test_same_finetune_twice_gives_the_same_weights(runner, pruned, tmp_path):
     args = [pruned[0], "--epochs", 1, "--data", "digits", *QUICK]
     torch.manual_seed(1)  # whatever the process did before must not matter
@@ -316,7 +316,7 @@ def test_same_finetune_twice_gives_the_same_weights(runner, pruned, tmp_path):
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
 
 
-@pytest.mark.xfail(strict=True, reason=BN_RNG_BUG)
+
 def test_same_prune_with_data_twice_gives_the_same_weights(runner, tiny, tmp_path):
     ckpt, base = tiny
     for seed, out in ((1, "a"), (2, "b")):

@@ -104,6 +104,11 @@ def recalibrate_bn(model: nn.Module, dataset: Dataset, *, batches: int, batch_si
     gen = torch.Generator().manual_seed(seed)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=gen, num_workers=workers)
     used = 0
+    # augmentation draws from the global RNG: fork it so the same seed gives the same statistics
+    # and the caller's random stream is left as it was
+    rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+    rng.__enter__()
+    torch.manual_seed(seed)
     try:
         model.eval()
         for m in bns:
@@ -117,6 +122,7 @@ def recalibrate_bn(model: nn.Module, dataset: Dataset, *, batches: int, batch_si
             model(x.to(device, non_blocking=True))
             used += int(x.shape[0])
     finally:
+        rng.__exit__(None, None, None)
         for m, mom in momenta.items():
             m.momentum = mom
         for m, training in modes.items():
