@@ -314,6 +314,9 @@ def report(
     else:
         for t in render.report_tables(rep):
             out.print(t)
+        acc = rep.get("accuracy") or {}
+        for line in _accuracy_lines({"split": acc.get("split", "val"), **acc.get("pruning", {}), **acc}):
+            out.print(line)
 
 
 @app.command()

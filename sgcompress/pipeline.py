@@ -250,6 +250,8 @@ def report(artifact: str | Path, *, baseline: str | Path | None = None, trust: b
                        count_macs(art.model, shape), count_params(art.model), shape)
     rep["artifact"] = str(art.path)
     rep["stage"] = art.manifest.get("stage")
+    if art.report and "accuracy" in art.report:  # measured when the artifact was made, on its data
+        rep["accuracy"] = art.report["accuracy"]
     rep["model"] = art.manifest["model"]
     files = {p.name: p.stat().st_size for p in sorted(art.path.iterdir()) if p.is_file()}
     if baseline is not None:
