@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torchvision
 
-from sgcompress.compact import kernel_status, materialize, max_rel_error
+from sgcompress.compact import ensure_kernel, kernel_status, materialize, max_rel_error
 from sgcompress.compact.spec import groups_macs, layer_groups
 from sgcompress.layers import MaskedConv2d, masked_layers
 from sgcompress.plan import CompressionPlan, LayerPlan, blocks_from_mask
@@ -129,6 +129,7 @@ def main(argv=None) -> int:
         if args.plan_cache:
             args.plan_cache.parent.mkdir(parents=True, exist_ok=True)
             args.plan_cache.write_text(plan.to_json())
+    ensure_kernel()
     print(f"plan: {len(plan.layers)} layers, {time.time() - t0:.0f}s; kernel: {kernel_status()}", flush=True)
     blocks = [len(lp.blocks) for lp in plan.layers]
     print(f"blocks per layer: min {min(blocks)} median {statistics.median(blocks)} max {max(blocks)}", flush=True)
