@@ -478,8 +478,7 @@ def export(
     out.print(f"equivalence with the masked model: max "
               f"difference {res.report['equivalence']['max_rel_diff']:.1e} x max|output|, top-1 identical on "
               f"{res.report['equivalence']['checked']} inputs")
-    for t in render.report_tables({"latency": res.report.get("latency", []), "original": {}, "compressed": {}},
-                                  per_layer=False, summary=False):
+    for t in render.export_tables(res.report):
         out.print(t)
     for w in res.report.get("warnings", []):
         err.print(f"warning: {w}", markup=False)

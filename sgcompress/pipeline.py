@@ -13,6 +13,7 @@ Nothing here prints; long loops report through a ``progress`` callback.
 from __future__ import annotations
 
 import copy
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -22,7 +23,7 @@ from typing import Any
 from torch import nn
 
 from ._io import write_json
-from .artifact import load_artifact, make_manifest, save_artifact
+from .artifact import load_artifact, make_manifest, read_manifest, save_artifact
 from .config import PruneConfig
 from .errors import ArtifactError, ConfigError
 from .loading import LoadedModel, build_model, load_model
@@ -236,6 +237,13 @@ def report(artifact: str | Path, *, baseline: str | Path | None = None, trust: b
     parameters, file sizes, per-layer before/after. ``baseline`` is the original checkpoint
     (its file size is reported); without it the dense architecture stands in for MACs/params.
     """
+    manifest = read_manifest(artifact)
+    if manifest.get("stage") == "compact":  # an export: its report was measured when it was made
+        path = Path(artifact)
+        rep = json.loads((path / "report.json").read_text()) if (path / "report.json").is_file() else {}
+        rep.update({"artifact": str(path), "stage": "compact", "model": manifest["model"],
+                    "files": {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file()}})
+        return rep
     art = load_artifact(artifact, trust=trust)
     spec, shape = art.spec, art.input_shape
     if baseline is not None:

@@ -55,6 +55,8 @@ def analysis_tables(a: dict[str, Any]) -> list[Table]:
 
 
 def report_tables(r: dict[str, Any], per_layer: bool = True, summary: bool = True) -> list[Table]:
+    if r.get("stage") == "compact":
+        return export_tables(r)
     tables = [_summary_table(r)] if summary else []
     tables += latency_tables(r.get("latency", []))
     if per_layer and r.get("layers"):
@@ -147,3 +149,17 @@ def demo_table(s: dict[str, Any]) -> Table:
             t.add_row(f"latency, batch {lat['batch_size']} (measured)", f"{rows['dense']['median_ms']:.2f} ms",
                       f"{rows['compact']['median_ms']:.2f} ms ({rows['compact']['speedup']:.2f}x)")
     return t
+
+
+def export_tables(r: dict[str, Any]) -> list[Table]:
+    """The compact export: per-layer form and measured time, then whole-model latency."""
+    t = Table(title="Per layer: measured forward time of the dense conv and of the form kept")
+    for col in ("layer", "form kept", "dense ms", "kept ms", "speedup"):
+        t.add_column(col, justify="left" if col in ("layer", "form kept") else "right")
+    for name, c in (r.get("layers") or {}).items():
+        secs = c.get("seconds") or {}
+        dense = secs.get("dense")
+        kept = min(secs.values()) if secs else None
+        t.add_row(name, c.get("strategy", ""), f"{1e3 * dense:.3f}" if dense else "",
+                  f"{1e3 * kept:.3f}" if kept else "", f"{dense / kept:.2f}x" if dense and kept else "not measured")
+    return [t, *latency_tables(r.get("latency", []))]
