@@ -144,9 +144,9 @@ def finetune(artifact: str | Path, data: DataBundle, config: TrainConfig, output
     teacher_model = _teacher_for(art, teacher).to(device) if config.distill else None
     ctx = D.setup()
     metrics: dict[str, Any] = {"data": data.name}
-    if not resume:
-        metrics["after_pruning"] = accuracy_with_bn_reestimation(model, data, bn_batches=bn_batches,
-                                                                 seed=config.seed)
+    # the model holds the artifact's weights until train() loads a resume state, so this is the
+    # same figure with or without --resume
+    metrics["after_pruning"] = accuracy_with_bn_reestimation(model, data, bn_batches=bn_batches, seed=config.seed)
     result = train(model, data.train, data.val, config, work, teacher=teacher_model, resume=resume,
                    callback=callback)
     metrics["best_epoch"] = result.best
