@@ -1,0 +1,30 @@
+"""Render benchmarks/results/latency.jsonl (written by latency.py) as the Markdown table in docs/benchmarks.md.
+
+    python benchmarks/latency_table.py benchmarks/results/latency.jsonl
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| model | removed | groups | batch | dense ms | masked | **compact** | Torch-Pruning (same MACs) "
+             "| MACs allow | compact forms |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        for b, x in r["batches"].items():
+            s = x["speedup"]
+            tp = f"{s['torch_pruning']:.2f}x" if "torch_pruning" in s else "n/a"
+            forms = ", ".join(f"{k} {v}" for k, v in x["strategies"].items())
+            lines.append(f"| {r['arch']} | {round(100 * r['ratio'])} % | {r['groups']} | {b} | {x['ms']['dense']:.1f} "
+                         f"| {s['masked']:.2f}x | **{s['compact']:.2f}x** | {tp} "
+                         f"| {r['macs']['dense'] / r['macs']['effective']:.2f}x | {forms} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    path = Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/latency.jsonl")
+    print(table([json.loads(line) for line in path.read_text().splitlines() if line.strip()]))
