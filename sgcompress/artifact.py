@@ -138,6 +138,18 @@ def _read_json(path: Path) -> Any:
         raise ArtifactError(f"{path} is not valid JSON ({e}); the artifact is damaged, re-create it") from e
 
 
+def restore_tied(state: dict, full: dict) -> dict:
+    """Safetensors files store a tied tensor once; give ``state`` its other names again, as
+    ``full`` (the model's own state_dict) has them. Changes ``state`` in place and returns it."""
+    for key, value in full.items():
+        if key not in state:
+            twin = next((k for k, v in full.items()
+                         if k in state and v.data_ptr() == value.data_ptr() and v.shape == value.shape), None)
+            if twin is not None:
+                state[key] = state[twin]
+    return state
+
+
 def read_manifest(path: str | Path) -> dict[str, Any]:
     """The manifest of the artifact at ``path``, after checking the directory is one."""
     path = Path(path)
@@ -180,14 +192,7 @@ def load_artifact(path: str | Path, *, trust: bool = False) -> Artifact:
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as e:
         raise ArtifactError(f"{weights} cannot be read ({e}); the artifact is damaged, re-create it") from e
-    full = model.state_dict()
-    # save_model drops the second name of tied tensors; restore them from the first.
-    for key, value in full.items():
-        if key not in state:
-            for other, t in full.items():
-                if other in state and t.data_ptr() == value.data_ptr() and t.shape == value.shape:
-                    state[key] = state[other]
-                    break
+    restore_tied(state, model.state_dict())
     try:
         load_state_dict_strict(model, state, source=str(weights))
     except StateDictMismatchError as e:

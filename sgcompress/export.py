@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import _io
-from .artifact import FORMAT, load_artifact, make_manifest, read_manifest
+from .artifact import FORMAT, load_artifact, make_manifest, read_manifest, restore_tied
 from .errors import ArtifactError, ExportError
 from .loading import ModelSpec, build_model, load_state_dict_strict
 from .metrics import count_macs, count_params, measure_latency
@@ -147,12 +147,7 @@ def unpack_state(state: dict[str, torch.Tensor], model: nn.Module, plan: Compres
             w = torch.zeros(shape, dtype=state[key].dtype)
             w[mask] = state[key]
             state[key] = w
-    for key, value in full.items():  # restore tied tensors under their second name
-        if key not in state:
-            twin = next((k for k, v in full.items() if k in state and v.data_ptr() == value.data_ptr()), None)
-            if twin is not None:
-                state[key] = state[twin]
-    return state
+    return restore_tied(state, full)
 
 
 def export_compact(artifact: str | Path, output: str | Path | None, *, batch_size: int = 1,

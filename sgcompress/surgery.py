@@ -13,7 +13,8 @@ from .layers import MASKED_TYPES, MaskedConv2d, MaskedLinear
 from .plan import CompressionPlan
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule called ``name`` (dotted path) of ``model`` by ``new``."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
@@ -26,9 +27,9 @@ def to_masked(model: nn.Module, names) -> nn.Module:
         if isinstance(mod, MASKED_TYPES):
             continue
         if isinstance(mod, nn.Conv2d):
-            _set_submodule(model, name, MaskedConv2d.from_dense(mod))
+            set_submodule(model, name, MaskedConv2d.from_dense(mod))
         elif isinstance(mod, nn.Linear):
-            _set_submodule(model, name, MaskedLinear.from_dense(mod))
+            set_submodule(model, name, MaskedLinear.from_dense(mod))
         else:
             raise TypeError(f"layer {name!r} is a {type(mod).__name__}, not Conv2d/Linear")
     return model
@@ -60,5 +61,5 @@ def strip_masks(model: nn.Module) -> nn.Module:
     """Replace masked layers by plain ones holding the masked weights (in place, same function)."""
     for name, mod in list(model.named_modules()):
         if isinstance(mod, MASKED_TYPES):
-            _set_submodule(model, name, mod.to_dense())
+            set_submodule(model, name, mod.to_dense())
     return model

@@ -11,6 +11,7 @@ from torch import nn
 from ..errors import ConfigError, UnsupportedLayerError
 from ..layers import MaskedConv2d, MaskedLinear
 from ..plan import LayerPlan, blocks_from_mask
+from ..surgery import set_submodule
 from .modules import GroupedConv, KernelConv, SplitConv, SplitLinear, load_group_weights
 from .spec import LayerGeometry, layer_groups
 
@@ -137,16 +138,7 @@ def portable(model: nn.Module) -> nn.Module:
     for ONNX export or FLOP counters that do not know ``sgcompress::gconv``."""
     for name, m in list(model.named_modules()):
         if isinstance(m, KernelConv):
-            _set_submodule(model, name, m.to_split())
-    return model
-
-
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    if not name:
-        return new
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
+            set_submodule(model, name, m.to_split())
     return model
 
 

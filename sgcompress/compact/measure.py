@@ -20,7 +20,8 @@ from torch import nn
 from ..errors import ConfigError
 from ..layers import MASKED_TYPES
 from ..plan import CompressionPlan, LayerPlan
-from .factory import (CONV_STRATEGIES, LINEAR_STRATEGIES, _set_submodule, applicable, build_compact, compact_from_masked, default_candidates,
+from ..surgery import set_submodule
+from .factory import (CONV_STRATEGIES, LINEAR_STRATEGIES, applicable, build_compact, compact_from_masked, default_candidates,
                       plan_from_masked, strategy_key)
 
 log = logging.getLogger(__name__)
@@ -190,7 +191,7 @@ def materialize(model: nn.Module, example_input: torch.Tensor, *, threads: int |
             strat, opts = next((s, o) for s, o in _candidates(lp, strategies) if strategy_key(s, o) == best)
             chosen = {"strategy": strat, "options": opts, "seconds": {k: float(v) for k, v in secs.items()}}
         module = compact_from_masked(masked, lp, chosen["strategy"], chosen["options"]).eval()
-        _set_submodule(out_model, name, module)
+        set_submodule(out_model, name, module)
         result[name] = chosen
         if progress is not None:
             progress(name, i, total, chosen)
@@ -227,5 +228,5 @@ def rebuild(model: nn.Module, choices: Mapping[str, Mapping[str, Any]], plan=Non
                                   "pass the plan the model was compressed with")
             bias = getattr(layer, "bias", None) is not None
             new = build_compact(given[name], strat, opts, bias).to(next(layer.parameters()).device)
-        _set_submodule(out, name, new)
+        set_submodule(out, name, new)
     return out.eval()

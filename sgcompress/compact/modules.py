@@ -36,6 +36,30 @@ def _out_position(groups: Sequence[Group], out_channels: int, rows_per_group: Se
     return pos
 
 
+def _flat_layout(module: nn.Module, groups: Sequence[Group], kernel: List[int], out_channels: int,
+                 bias: bool):
+    """Give ``module`` one flat weight holding every group that has inputs, one after another,
+    their concatenated input indices (``in_index``) and a bias. Returns those groups, their
+    weight shapes and the weight and input offsets (the caller keeps them, annotated for
+    TorchScript)."""
+    work = [g for g in groups if g.inputs]
+    shapes = [[len(g.filters), len(g.inputs), *kernel] for g in work]
+    offs = [0]
+    for s in shapes:
+        n = 1
+        for d in s:
+            n *= d
+        offs.append(offs[-1] + n)
+    ioffs = [0]
+    for g in work:
+        ioffs.append(ioffs[-1] + len(g.inputs))
+    module.weight = nn.Parameter(torch.empty(offs[-1]))
+    module.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+    module.register_buffer("in_index", torch.tensor([i for g in work for i in g.inputs], dtype=torch.long),
+                           persistent=False)
+    return work, shapes, offs, ioffs
+
+
 def _is_identity(pos: torch.Tensor) -> bool:
     return bool(torch.equal(pos, torch.arange(pos.numel())))
 
@@ -49,20 +73,10 @@ class SplitConv(nn.Module):
         self.stride = list(geometry.stride)
         self.padding = list(geometry.padding)
         self.dilation = list(geometry.dilation)
-        work = [g for g in groups if g.inputs]
-        self.shapes: List[List[int]] = [[len(g.filters), len(g.inputs), kh, kw] for g in work]
-        offs = [0]
-        for s in self.shapes:
-            offs.append(offs[-1] + s[0] * s[1] * kh * kw)
+        work, shapes, offs, ioffs = _flat_layout(self, groups, [kh, kw], geometry.out_channels, bias)
+        self.shapes: List[List[int]] = shapes
         self.w_offsets: List[int] = offs
-        ioffs = [0]
-        for g in work:
-            ioffs.append(ioffs[-1] + len(g.inputs))
         self.i_offsets: List[int] = ioffs
-        self.weight = nn.Parameter(torch.empty(offs[-1]))
-        self.bias = nn.Parameter(torch.empty(geometry.out_channels)) if bias else None
-        idx = [i for g in work for i in g.inputs]
-        self.register_buffer("in_index", torch.tensor(idx, dtype=torch.long), persistent=False)
         # filters of input-less groups output zero (plus bias): one zero block at the end
         empty = sum(len(g.filters) for g in groups if not g.inputs)
         self.n_empty = empty
@@ -200,20 +214,10 @@ class SplitLinear(nn.Module):
     def __init__(self, geometry: LayerGeometry, groups: Sequence[Group], bias: bool) -> None:
         super().__init__()
         self.out_features = geometry.out_channels
-        work = [g for g in groups if g.inputs]
-        self.shapes: List[List[int]] = [[len(g.filters), len(g.inputs)] for g in work]
-        offs = [0]
-        for s in self.shapes:
-            offs.append(offs[-1] + s[0] * s[1])
+        work, shapes, offs, ioffs = _flat_layout(self, groups, [], geometry.out_channels, bias)
+        self.shapes: List[List[int]] = shapes
         self.w_offsets: List[int] = offs
-        ioffs = [0]
-        for g in work:
-            ioffs.append(ioffs[-1] + len(g.inputs))
         self.i_offsets: List[int] = ioffs
-        self.weight = nn.Parameter(torch.empty(offs[-1]))
-        self.bias = nn.Parameter(torch.empty(geometry.out_channels)) if bias else None
-        self.register_buffer("in_index", torch.tensor([i for g in work for i in g.inputs], dtype=torch.long),
-                             persistent=False)
         self.n_empty = sum(len(g.filters) for g in groups if not g.inputs)
         pos = _out_position(list(work) + [g for g in groups if not g.inputs], geometry.out_channels)
         self.reorder = not _is_identity(pos)

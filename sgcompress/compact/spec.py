@@ -16,15 +16,14 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import ConfigError
-from ..plan import LayerPlan
+from ..plan import Block, LayerPlan
 
 MERGES = ("blocks", "labels", "cost")
 
 
-@dataclass(frozen=True)
-class Group:
-    filters: tuple[int, ...]
-    inputs: tuple[int, ...]
+# A group of the compact form has exactly the shape of a plan block (filters, shared inputs);
+# merged groups are unions of blocks.
+Group = Block
 
 
 @dataclass(frozen=True)
