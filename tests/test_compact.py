@@ -54,13 +54,9 @@ def masked_conv(cin, cout, k, stride, padding, dilation, bias, n_clusters, ratio
     return conv, plan_from_masked("layer", conv, labels=labels, n_clusters=n_clusters)
 
 
-def applicable(lp, strategy):
-    return strategy != "kernel" or tuple(lp.stride) == (1, 1)
-
-
 @settings(max_examples=12, deadline=None, derandomize=True)
 @given(cin=st.integers(1, 12), cout=st.integers(1, 20), n_clusters=st.integers(1, 4),
-       kh=st.integers(1, 3), kw=st.integers(1, 3), stride=st.integers(1, 2), padding=st.integers(0, 2),
+       kh=st.integers(1, 3), kw=st.integers(1, 3), stride=st.integers(1, 3), padding=st.integers(0, 2),
        dilation=st.integers(1, 2), ratio=st.floats(0.0, 0.9), bias=st.booleans(), seed=st.integers(0, 1000))
 def test_every_conv_strategy_computes_the_masked_function(cin, cout, n_clusters, kh, kw, stride, padding,
                                                           dilation, ratio, bias, seed):
@@ -69,10 +65,9 @@ def test_every_conv_strategy_computes_the_masked_function(cin, cout, n_clusters,
     with torch.no_grad():
         ref = conv(x)
         for strategy, options in CONV_VARIANTS:
-            if applicable(lp, strategy):
-                out = compact_from_masked(conv, lp, strategy, options)(x)
-                assert out.shape == ref.shape
-                assert max_rel_error(ref, out) <= TOL, (strategy, options)
+            out = compact_from_masked(conv, lp, strategy, options)(x)
+            assert out.shape == ref.shape
+            assert max_rel_error(ref, out) <= TOL, (strategy, options)
 
 
 @pytest.mark.parametrize("strategy,options", CONV_VARIANTS)
@@ -181,7 +176,7 @@ def test_materialize_and_rebuild_small_cnn():
         assert "dense" in c["seconds"]
         assert c["seconds"][min(c["seconds"], key=c["seconds"].get)] <= c["seconds"]["dense"]
         assert not isinstance(compact.get_submodule(name), (MaskedConv2d, MaskedLinear))
-    assert "kernel[merge=\"cost\",tile=8]" not in choices["c3"]["seconds"]  # stride 2: not a candidate
+    assert "kernel[merge=\"cost\",tile=8]" in choices["c3"]["seconds"]  # stride 2 is a candidate too
     with torch.no_grad():
         ref = model(x)
         assert max_rel_error(ref, compact(x)) <= TOL
@@ -280,11 +275,14 @@ def test_onnx_export_of_portable_module(tmp_path):
         assert max_rel_error(mod(x), got) <= TOL
 
 
-@pytest.mark.parametrize("k,pad,dil,size", [(1, 0, 1, 12), (1, 0, 1, 33), (3, 1, 1, 30), (3, 2, 2, 17), (5, 2, 1, 7)])
-def test_kernel_tile_widths_chunks_and_half_tiles(k, pad, dil, size):
+@pytest.mark.parametrize("k,stride,pad,dil,size", [
+    (1, 1, 0, 1, 12), (1, 1, 0, 1, 33), (3, 1, 1, 1, 30), (3, 1, 2, 2, 17), (5, 1, 2, 1, 7),
+    (3, 2, 1, 1, 56), (3, 2, 1, 1, 29), (1, 2, 0, 1, 28), (3, (2, 3), 2, 2, 31), (5, 3, 1, 1, 14)])
+def test_kernel_tile_widths_chunks_and_half_tiles(k, stride, pad, dil, size):
     # planes chosen to use both register-tile widths (32/48 pixels), several chunks,
-    # row-wrap lanes (padding) and clusters of 13 filters (8-wide + 4-wide tiles)
-    conv, lp = masked_conv(10, 26, k, 1, pad, dil, True, 2, 0.5, 7)
+    # row-wrap lanes (padding), clusters of 13 filters (8-wide + 4-wide tiles), and strides
+    # whose polyphase planes are uneven (odd sizes) or have a zero-filled last row
+    conv, lp = masked_conv(10, 26, k, stride, pad, dil, True, 2, 0.5, 7)
     x = torch.randn(2, 10, size, size)
     with torch.no_grad():
         for options in ({"merge": "labels"}, {"merge": "blocks"}):
@@ -298,5 +296,20 @@ def test_unknown_strategy_is_a_config_error():
     conv, lp = masked_conv(4, 4, 1, 1, 0, 1, False, 2, 0.5, 0)
     with pytest.raises(ConfigError, match="unknown compact strategy 'sparse'"):
         measure_layer(conv, lp, torch.randn(1, 4, 3, 3), repeats=1, strategies=["sparse"])
-    with pytest.raises(ConfigError, match="kernel needs stride 1"):
-        build_compact(plan_from_masked("s", MaskedConv2d(4, 4, 3, stride=2)), "kernel", {}, bias=False)
+    with pytest.raises(ConfigError, match="does not apply to layer 's' .linear"):
+        build_compact(plan_from_masked("s", MaskedLinear(4, 4)), "kernel", {}, bias=False)
+
+
+@pytest.mark.parametrize("stride,pad,dil", [(1, 1, 1), (2, 1, 1), ((2, 1), 0, 2), (3, 2, 1)])
+def test_reference_gconv_computes_the_masked_function(stride, pad, dil):
+    """The pure-PyTorch fallback (used where the kernel cannot be built) is the same function."""
+    from sgcompress.compact.kernel import gconv_reference
+
+    conv, lp = masked_conv(9, 21, 3, stride, pad, dil, True, 3, 0.6, 11)
+    mod = compact_from_masked(conv, lp, "kernel", {"merge": "cost", "tile": 8})
+    x = torch.randn(2, 9, 15, 13)
+    with torch.no_grad():
+        xp = nn.functional.pad(x, mod.pad)
+        got = gconv_reference(xp, mod.weight, mod.tile_out, mod.tile_k, mod.tile_w, mod.tile_r, mod.kidx,
+                              mod.bias, mod.out_channels, mod.kh, mod.kw, mod.dh, mod.dw, mod.sh, mod.sw)
+        assert max_rel_error(conv(x), got) <= TOL

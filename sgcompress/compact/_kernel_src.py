@@ -1,9 +1,11 @@
 """C++ source of the gather-while-computing kernel (built on first use by :mod:`.kernel`).
 
-One op, ``sgcompress::gconv``: a stride-1 convolution whose filters come in *tiles* of up
-to 8 filters that share one list of input channels. The input is NCHW, already
-zero-padded; the output plane is computed over the flattened padded grid so every
-kernel tap is a constant offset, and row-wrap lanes are dropped at the store. Input
+One op, ``sgcompress::gconv``: a convolution whose filters come in *tiles* of up to 8
+filters that share one list of input channels. The input is NCHW, already zero-padded;
+the output plane is computed over the flattened padded grid so every kernel tap is a
+constant offset, and row-wrap lanes are dropped at the store. A strided layer first splits
+each input plane into its stride_h x stride_w polyphase planes (one copy), on which the
+same holds. Input
 channels are read through an index list (row indirection) and outputs are written to
 their original channel (row indirection), so neither the gather nor the scatter copies
 anything. The register tile is 8 (or 4) filters x 32 pixels, accumulated with AVX-512
@@ -122,18 +124,48 @@ void tile_generic(const float* const* rows, int64_t K, const float* w, const int
 at::Tensor sg_gconv(const at::Tensor& x_in, const at::Tensor& wpack, const at::Tensor& tile_out,
                     const at::Tensor& tile_k, const at::Tensor& tile_w, const at::Tensor& tile_r,
                     const at::Tensor& kidx, const at::Tensor& bias, int64_t C_out,
-                    int64_t kh, int64_t kw, int64_t dh, int64_t dw) {
+                    int64_t kh, int64_t kw, int64_t dh, int64_t dw, int64_t sh, int64_t sw) {
   TORCH_CHECK(x_in.dim() == 4 && x_in.scalar_type() == at::kFloat, "sgcompress::gconv: x must be 4-D float32");
   TORCH_CHECK(wpack.scalar_type() == at::kFloat, "sgcompress::gconv: weights must be float32");
-  const at::Tensor x = x_in.contiguous();
+  TORCH_CHECK(sh >= 1 && sw >= 1, "sgcompress::gconv: stride must be >= 1");
+  at::Tensor x = x_in.contiguous();
   const at::Tensor wc = wpack.contiguous();
   const int64_t N = x.size(0), C = x.size(1), Hp = x.size(2), Wp = x.size(3);
-  const int64_t Ho = Hp - dh * (kh - 1), Wo = Wp - dw * (kw - 1);
-  TORCH_CHECK(Ho > 0 && Wo > 0, "sgcompress::gconv: input smaller than the kernel");
+  TORCH_CHECK(Hp > dh * (kh - 1) && Wp > dw * (kw - 1), "sgcompress::gconv: input smaller than the kernel");
+  const int64_t Ho = (Hp - dh * (kh - 1) - 1) / sh + 1, Wo = (Wp - dw * (kw - 1) - 1) / sw + 1;
+  // Strided: split each padded plane into its sh*sw polyphase components (one copy), so that
+  // every tap is again a constant offset on a grid of row width Wr whose pixels are outputs.
+  const int64_t Hq = (Hp + sh - 1) / sh, Wr = (Wp + sw - 1) / sw;
+  const int64_t nph = sh * sw, plane_q = Hq * Wr;
+  if (nph > 1) {
+    at::Tensor ph = at::empty({N, C, nph, Hq, Wr}, x.options());
+    const float* src = x.data_ptr<float>();
+    float* dst = ph.data_ptr<float>();
+    at::parallel_for(0, N * C, 16, [&](int64_t b, int64_t e) {
+      for (int64_t nc = b; nc < e; ++nc) {
+        const float* s = src + nc * Hp * Wp;
+        float* d = dst + nc * nph * plane_q;
+        for (int64_t a = 0; a < sh; ++a) for (int64_t c = 0; c < sw; ++c) {
+          float* dp = d + (a * sw + c) * plane_q;
+          for (int64_t r = 0; r < Hq; ++r) {
+            const int64_t y = r * sh + a;
+            float* drow = dp + r * Wr;
+            if (y >= Hp) { std::fill(drow, drow + Wr, 0.f); continue; }
+            const float* srow = s + y * Wp;
+            for (int64_t q = 0; q < Wr; ++q) { const int64_t xx = q * sw + c; drow[q] = xx < Wp ? srow[xx] : 0.f; }
+          }
+        }
+      }
+    });
+    x = ph;
+  }
   std::vector<int64_t> taps_v;
-  for (int64_t i = 0; i < kh; ++i) for (int64_t j = 0; j < kw; ++j) taps_v.push_back(i * dh * Wp + j * dw);
-  const int64_t plane = Hp * Wp, plane_out = Ho * Wo;
-  const int64_t Qmax = (Ho - 1) * Wp + Wo;
+  for (int64_t i = 0; i < kh; ++i) for (int64_t j = 0; j < kw; ++j) {
+    const int64_t y = i * dh, xx = j * dw;
+    taps_v.push_back(((y % sh) * sw + (xx % sw)) * plane_q + (y / sh) * Wr + xx / sw);
+  }
+  const int64_t plane = nph * plane_q, plane_out = Ho * Wo;
+  const int64_t Qmax = (Ho - 1) * Wr + Wo;
   const int64_t T = tile_out.size(0), KK = kh * kw;
   at::Tensor out = at::empty({N, C_out, Ho, Wo}, x.options());
   if (N == 0 || C_out == 0 || plane_out == 0) return out;
@@ -165,11 +197,11 @@ at::Tensor sg_gconv(const at::Tensor& x_in, const at::Tensor& wpack, const at::T
       float* on = op + n * C_out * plane_out;
 #if defined(__AVX512F__)
 #define SG_CALL(R_, NV_) tile_avx512<R_, NV_>(rows.data(), K, wp + tw[t], tp, KK, to + t * kR, bp, on, plane_out, \
-                                               qb, qe, Qmax, Wp, Wo)
+                                               qb, qe, Qmax, Wr, Wo)
       if (tr[t] > 4) { if (NV == 3) SG_CALL(8, 3); else SG_CALL(8, 2); }
       else { if (NV == 3) SG_CALL(4, 3); else SG_CALL(4, 2); }
 #else
-      tile_generic(rows.data(), K, wp + tw[t], tp, KK, to + t * kR, tr[t], bp, on, plane_out, qb, qe, Qmax, Wp, Wo);
+      tile_generic(rows.data(), K, wp + tw[t], tp, KK, to + t * kR, tr[t], bp, on, plane_out, qb, qe, Qmax, Wr, Wo);
 #endif
     }
   });

@@ -26,13 +26,14 @@ def strategy_key(strategy: str, options: dict[str, Any]) -> str:
     return strategy + "[" + ",".join(f"{k}={json.dumps(options[k])}" for k in sorted(options)) + "]"
 
 
-def default_candidates(lp: LayerPlan) -> list[tuple[str, dict[str, Any]]]:
-    """The (strategy, options) pairs measured for a layer when none are given."""
+def default_candidates(lp: LayerPlan, device_type: str = "cpu") -> list[tuple[str, dict[str, Any]]]:
+    """The (strategy, options) pairs measured for a layer when none are given (on
+    ``device_type``: the native kernel is CPU code, so it is a candidate on the CPU only)."""
     g = max(1, int(lp.n_clusters))
     if lp.kind == "linear":
         return [("dense", {}), ("split", {"merge": "labels", "max_groups": g})]
     cands: list[tuple[str, dict[str, Any]]] = [("dense", {})]
-    if tuple(lp.stride) == (1, 1):
+    if device_type == "cpu":
         cands += [("kernel", {"merge": "cost", "tile": 8}), ("kernel", {"merge": "labels", "tile": 8})]
         if lp.out_channels < 16 * g:  # small clusters: half-width tiles may beat merging
             cands.append(("kernel", {"merge": "cost", "tile": 4}))
@@ -40,11 +41,11 @@ def default_candidates(lp: LayerPlan) -> list[tuple[str, dict[str, Any]]]:
     return cands
 
 
-def applicable(lp: LayerPlan, strategy: str) -> bool:
+def applicable(lp: LayerPlan, strategy: str, device_type: str = "cpu") -> bool:
     if lp.kind == "linear":
         return strategy in LINEAR_STRATEGIES
     if strategy == "kernel":
-        return tuple(lp.stride) == (1, 1)
+        return device_type == "cpu"
     return strategy in CONV_STRATEGIES
 
 
@@ -59,8 +60,7 @@ def build_compact(layer_plan: LayerPlan, strategy: str, options: dict[str, Any] 
     if not applicable(lp, strategy):
         allowed = LINEAR_STRATEGIES if lp.kind == "linear" else CONV_STRATEGIES
         raise ConfigError(f"strategy {strategy!r} does not apply to layer {lp.name!r} "
-                          f"({lp.kind}, stride {tuple(lp.stride)}); use one of {', '.join(allowed)}"
-                          + (" (kernel needs stride 1)" if strategy == "kernel" else ""))
+                          f"({lp.kind}, stride {tuple(lp.stride)}); use one of {', '.join(allowed)}")
     if strategy == "dense":
         if lp.kind == "linear":
             return nn.Linear(lp.in_channels, lp.out_channels, bias=bias)

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 SCHEMA = (
     "gconv(Tensor x, Tensor wpack, Tensor tile_out, Tensor tile_k, Tensor tile_w, Tensor tile_r, "
-    "Tensor kidx, Tensor bias, int C_out, int kh, int kw, int dh, int dw) -> Tensor"
+    "Tensor kidx, Tensor bias, int C_out, int kh, int kw, int dh, int dw, int sh=1, int sw=1) -> Tensor"
 )
 TILE = 8  # filters per tile; must match kR in the C++ source
 
@@ -34,11 +34,15 @@ _state = {"native": None, "error": None}
 _lock = threading.Lock()
 
 
+def _out_size(size: int, k: int, d: int, s: int) -> int:
+    return (size - d * (k - 1) - 1) // s + 1
+
+
 def gconv_reference(x, wpack, tile_out, tile_k, tile_w, tile_r, kidx, bias, C_out: int,
-                    kh: int, kw: int, dh: int, dw: int) -> torch.Tensor:
+                    kh: int, kw: int, dh: int, dw: int, sh: int = 1, sw: int = 1) -> torch.Tensor:
     """Pure-PyTorch ``gconv`` (slow, exact): one small conv per tile."""
     n, _, hp, wp = x.shape
-    ho, wo = hp - dh * (kh - 1), wp - dw * (kw - 1)
+    ho, wo = _out_size(hp, kh, dh, sh), _out_size(wp, kw, dw, sw)
     out = x.new_zeros(n, C_out, ho, wo)
     kk = kh * kw
     for t in range(tile_out.shape[0]):
@@ -50,7 +54,7 @@ def gconv_reference(x, wpack, tile_out, tile_k, tile_w, tile_r, kidx, bias, C_ou
         if k1 > k0:
             w = wpack[int(tile_w[t]): int(tile_w[t]) + (k1 - k0) * kk * TILE]
             w = w.view(k1 - k0, kh, kw, TILE).permute(3, 0, 1, 2)[valid]
-            y = F.conv2d(x.index_select(1, kidx[k0:k1]), w, None, 1, 0, (dh, dw))
+            y = F.conv2d(x.index_select(1, kidx[k0:k1]), w, None, (sh, sw), 0, (dh, dw))
             out[:, fo[valid]] = y
     if bias.numel() > 0:
         out = out + bias.view(1, -1, 1, 1)
@@ -58,9 +62,9 @@ def gconv_reference(x, wpack, tile_out, tile_k, tile_w, tile_r, kidx, bias, C_ou
 
 
 @torch.library.register_fake("sgcompress::gconv", lib=_lib)
-def _gconv_fake(x, wpack, tile_out, tile_k, tile_w, tile_r, kidx, bias, C_out, kh, kw, dh, dw):
+def _gconv_fake(x, wpack, tile_out, tile_k, tile_w, tile_r, kidx, bias, C_out, kh, kw, dh, dw, sh=1, sw=1):
     n, _, hp, wp = x.shape
-    return x.new_empty(n, C_out, hp - dh * (kh - 1), wp - dw * (kw - 1))
+    return x.new_empty(n, C_out, _out_size(hp, kh, dh, sh), _out_size(wp, kw, dw, sw))
 
 
 def _build_name() -> str:
@@ -108,6 +112,9 @@ def ensure_kernel() -> bool:
             native = _build()
             if not native:
                 _lib.impl("gconv", gconv_reference, "CPU")
+            # the kernel is CPU code; a compact model moved to a GPU still computes the same
+            # function (slowly: export for that device to get forms that are fast there)
+            _lib.impl("gconv", gconv_reference, "CUDA")
             _state["native"] = native
         return bool(_state["native"])
 

@@ -41,9 +41,9 @@ def _threads(n: int | None):
         torch.set_num_threads(old)
 
 
-def _candidates(lp: LayerPlan, strategies) -> list[tuple[str, dict[str, Any]]]:
+def _candidates(lp: LayerPlan, strategies, device_type: str = "cpu") -> list[tuple[str, dict[str, Any]]]:
     if strategies is None:
-        cands = default_candidates(lp)
+        cands = default_candidates(lp, device_type)
     else:
         cands = []
         for s in strategies:
@@ -51,7 +51,7 @@ def _candidates(lp: LayerPlan, strategies) -> list[tuple[str, dict[str, Any]]]:
             if strat not in CONV_STRATEGIES + LINEAR_STRATEGIES:
                 raise ConfigError(f"unknown compact strategy {strat!r}; use one of "
                                   f"{', '.join(sorted(set(CONV_STRATEGIES + LINEAR_STRATEGIES)))}")
-            if applicable(lp, strat):
+            if applicable(lp, strat, device_type):
                 cands.append((strat, opts))
     if not any(s == "dense" for s, _ in cands):
         cands.insert(0, ("dense", {}))
@@ -76,8 +76,9 @@ def measure_layer(masked_layer: nn.Module, layer_plan: LayerPlan, example_input:
     """
     x = example_input
     ref = masked_layer(x)
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
     modules: dict[str, nn.Module] = {}
-    for strat, opts in _candidates(layer_plan, strategies):
+    for strat, opts in _candidates(layer_plan, strategies, x.device.type):
         key = strategy_key(strat, opts)
         try:
             mod = compact_from_masked(masked_layer, layer_plan, strat, opts).eval()
@@ -96,10 +97,12 @@ def measure_layer(masked_layer: nn.Module, layer_plan: LayerPlan, example_input:
         for _ in range(warm):
             for m in mods.values():
                 m(x)
+        sync()
         for _ in range(n):
             for k, m in mods.items():
                 t0 = time.perf_counter()
                 m(x)
+                sync()
                 times[k].append(time.perf_counter() - t0)
 
     with _threads(threads):
@@ -188,7 +191,8 @@ def materialize(model: nn.Module, example_input: torch.Tensor, *, threads: int |
             secs = measure_layer(masked, lp, xi, threads=threads, repeats=repeats, strategies=strategies,
                                  _modules_out=built)
             best = min(secs, key=secs.get)
-            strat, opts = next((s, o) for s, o in _candidates(lp, strategies) if strategy_key(s, o) == best)
+            strat, opts = next((s, o) for s, o in _candidates(lp, strategies, xi.device.type)
+                               if strategy_key(s, o) == best)
             chosen = {"strategy": strat, "options": opts, "seconds": {k: float(v) for k, v in secs.items()}}
         module = compact_from_masked(masked, lp, chosen["strategy"], chosen["options"]).eval()
         set_submodule(out_model, name, module)

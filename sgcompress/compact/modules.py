@@ -9,8 +9,9 @@ Output channels are always in the original order.
   (``index_select``) and run one small dense conv / linear; concatenate; reorder.
 - :class:`GroupedConv`: one gather of all groups' inputs (padded to equal length), one
   grouped conv (filters padded to equal count), one reorder.
-- :class:`KernelConv`: the ``sgcompress::gconv`` operator (stride 1): reads inputs and
-  writes outputs through index tables, so it copies nothing. :meth:`KernelConv.to_split`
+- :class:`KernelConv`: the ``sgcompress::gconv`` operator: reads inputs and writes outputs
+  through index tables, so it copies nothing (a strided layer copies its input once, into
+  polyphase planes). :meth:`KernelConv.to_split`
   gives the portable equivalent for ONNX export.
 """
 
@@ -138,8 +139,6 @@ class GroupedConv(nn.Module):
 class KernelConv(nn.Module):
     def __init__(self, geometry: LayerGeometry, groups: Sequence[Group], bias: bool) -> None:
         super().__init__()
-        if tuple(geometry.stride) != (1, 1):
-            raise ValueError("KernelConv needs stride 1")
         ensure_kernel()
         kh, kw = geometry.kernel_size
         self.geometry = geometry
@@ -147,6 +146,7 @@ class KernelConv(nn.Module):
         self.out_channels = geometry.out_channels
         self.kh, self.kw = kh, kw
         self.dh, self.dw = geometry.dilation
+        self.sh, self.sw = geometry.stride
         ph, pw = geometry.padding
         self.pad: List[int] = [pw, pw, ph, ph]
         self.needs_pad = ph > 0 or pw > 0
@@ -179,7 +179,8 @@ class KernelConv(nn.Module):
             x = F.pad(x, self.pad)
         b = self.bias if self.bias is not None else self.no_bias
         return torch.ops.sgcompress.gconv(x, self.weight, self.tile_out, self.tile_k, self.tile_w, self.tile_r,
-                                          self.kidx, b, self.out_channels, self.kh, self.kw, self.dh, self.dw)
+                                          self.kidx, b, self.out_channels, self.kh, self.kw, self.dh, self.dw,
+                                          self.sh, self.sw)
 
     @torch.no_grad()
     def to_split(self) -> SplitConv:
