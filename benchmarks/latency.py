@@ -4,8 +4,9 @@ For every (architecture, ratio, groups): torchvision model with seeded random we
 SG-CNN pruning (stem and shortcuts dense), the compact export chosen for each batch size
 (``export_compact(batch_size=B)``), and Torch-Pruning channel pruning (L1 magnitude,
 classifier and stem kept) searched to the same total MACs. Latency: warm-up, median of
-repeats, fixed threads, batch 1 and 32. One JSON line per configuration is appended to
-``--out``; configurations already there are skipped (rerun to resume).
+repeats with the models interleaved round by round, fixed threads, batch 1 and 32. One
+JSON line per configuration is appended to ``--out``; configurations already there are
+skipped (rerun to resume).
 
     PYTHONPATH=. .venv/bin/python benchmarks/latency.py --archs resnet18 resnet50 densenet121 \
         --ratios 0.6 0.8 --groups 4 16 --batches 1 32 --out benchmarks/results/latency.jsonl
@@ -32,7 +33,7 @@ from sgcompress.artifact import make_manifest, save_artifact  # noqa: E402
 from sgcompress.config import PruneConfig  # noqa: E402
 from sgcompress.export import export_compact  # noqa: E402
 from sgcompress.loading import ModelSpec  # noqa: E402
-from sgcompress.metrics import count_macs, measure_latency  # noqa: E402
+from sgcompress.metrics import count_macs, measure_latencies  # noqa: E402
 from sgcompress.pipeline import prune_model  # noqa: E402
 
 SHAPE = (3, 224, 224)
@@ -65,9 +66,10 @@ def torch_pruning_at(model: torch.nn.Module, target_macs: float, tol: float = 0.
     return best
 
 
-def time_model(model, batch: int, threads: int) -> float:
-    return measure_latency(model, SHAPE, batch_size=batch, threads=threads, warmup=2, repeats=5,
-                           min_seconds=1.0).median_ms
+def time_models(models: dict, batch: int, threads: int) -> dict[str, float]:
+    """Median ms per model, interleaved round by round (a slow spell hits every model alike)."""
+    lats = measure_latencies(models, SHAPE, batch_size=batch, threads=threads, warmup=2, repeats=7, min_seconds=1.5)
+    return {name: lat.median_ms for name, lat in lats.items()}
 
 
 def run(arch: str, ratio: float, groups: int, batches, threads: int, work: Path) -> dict:
@@ -98,10 +100,10 @@ def run(arch: str, ratio: float, groups: int, batches, threads: int, work: Path)
         strategies: dict[str, int] = {}
         for c in exp.choices.values():
             strategies[c["strategy"]] = strategies.get(c["strategy"], 0) + 1
-        t = {"dense": time_model(base, b, threads), "masked": time_model(masked, b, threads),
-             "compact": time_model(exp.model, b, threads)}
+        models = {"dense": base, "masked": masked, "compact": exp.model}
         if tp_model is not None:
-            t["torch_pruning"] = time_model(tp_model, b, threads)
+            models["torch_pruning"] = tp_model
+        t = time_models(models, b, threads)
         row["batches"][str(b)] = {"ms": t, "speedup": {k: t["dense"] / v for k, v in t.items()},
                                   "strategies": strategies,
                                   "max_rel_diff": exp.report["equivalence"]["max_rel_diff"]}

@@ -23,8 +23,7 @@ import torch
 import torchvision
 
 from sgcompress.compact import ensure_kernel, kernel_status, materialize, max_rel_error
-from sgcompress.compact.spec import groups_macs, layer_groups
-from sgcompress.layers import MaskedConv2d, masked_layers
+from sgcompress.layers import MaskedConv2d
 from sgcompress.plan import CompressionPlan, LayerPlan, blocks_from_mask
 from sgcompress.sgcnn import prune_step
 from sgcompress.surgery import apply_plan, strip_masks, to_masked

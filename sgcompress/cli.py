@@ -434,6 +434,8 @@ def export(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Batch the per-layer strategies are chosen for.")] = 1,
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Batches of the latency report.")] = "1,32",
     threads: Annotated[Optional[int], typer.Option("--threads", help="Torch threads for every measurement.")] = None,
+    device: Annotated[str, typer.Option("--device", help="Where the model will run (cpu, cuda, cuda:N); every layer "
+                                                         "is measured there.")] = "cpu",
     strategy: Annotated[str, typer.Option(
         "--strategy", help="auto: measure each layer's forms and keep the fastest; dense|kernel|split|grouped: use one "
                            "everywhere without measuring (same shapes on every machine, for CI gates).")] = "auto",
@@ -456,7 +458,7 @@ def export(
         task = bar.add_task("measuring layers", total=None)
         res = export_compact(artifact, output if fmt == Format.safetensors else None, batch_size=batch_size,
                              batch_sizes=_batches(batch_sizes), threads=threads, overwrite=force,
-                             measure=not no_latency and fmt == Format.safetensors, strategy=strategy,
+                             measure=not no_latency and fmt == Format.safetensors, strategy=strategy, device=device,
                              progress=lambda ev: bar.update(task, description=f"measuring {ev.get('layer', '')}",
                                                             advance=1))
     example = torch.zeros(batch_size, *res.report["input_shape"])

@@ -32,9 +32,9 @@ from torch import nn
 
 from . import _io
 from .artifact import FORMAT, load_artifact, make_manifest, read_manifest, restore_tied
-from .errors import ArtifactError, ExportError
+from .errors import ArtifactError, ConfigError, ExportError
 from .loading import ModelSpec, build_model, load_state_dict_strict
-from .metrics import count_macs, count_params, measure_latency
+from .metrics import count_macs, count_params, measure_latencies
 from .plan import CompressionPlan
 from .surgery import strip_masks
 
@@ -77,11 +77,9 @@ def check_equivalence(reference: nn.Module, candidate: nn.Module, inputs: list[t
 def _latency_rows(models: dict[str, nn.Module], shape, batch_sizes, threads, macs: dict[str, int]) -> list[dict]:
     out = []
     for bs in batch_sizes:
-        rows = []
-        for name, m in models.items():
-            lat = measure_latency(m, shape, batch_size=bs, threads=threads, warmup=3, repeats=10, min_seconds=1.0)
-            rows.append({"model": name, "median_ms": lat.median_ms, "p10_ms": lat.p10_ms, "p90_ms": lat.p90_ms,
-                         "repeats": lat.repeats})
+        lats = measure_latencies(models, shape, batch_size=bs, threads=threads, warmup=3, repeats=10, min_seconds=1.0)
+        rows = [{"model": name, "median_ms": lat.median_ms, "p10_ms": lat.p10_ms, "p90_ms": lat.p90_ms,
+                 "repeats": lat.repeats} for name, lat in lats.items()]
         base = rows[0]["median_ms"]
         for r in rows:
             r["speedup"] = base / r["median_ms"]
@@ -91,10 +89,52 @@ def _latency_rows(models: dict[str, nn.Module], shape, batch_sizes, threads, mac
     return out
 
 
+def layer_rows(plan: CompressionPlan, choices: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per pruned layer: the form kept, every candidate's measured seconds, and the measured
+    speedup of the kept form over the dense conv beside the speedup its MACs allow
+    (``None`` where the layer was not measured, e.g. with a fixed ``--strategy``)."""
+    from .compact import strategy_key
+
+    rows = {}
+    for name, c in choices.items():
+        mask = plan.layer(name).mask()
+        kept_conn = int(mask.sum())
+        secs = c.get("seconds") or {}
+        dense, kept = secs.get("dense"), secs.get(strategy_key(c["strategy"], c.get("options") or {}))
+        rows[name] = {"strategy": c["strategy"], "seconds": secs,
+                      "dense_ms": 1e3 * dense if dense else None, "kept_ms": 1e3 * kept if kept else None,
+                      "speedup": dense / kept if dense and kept else None,
+                      "macs_speedup": mask.numel() / kept_conn if kept_conn else None}
+    return rows
+
+
+def slow_layers(rows: dict[str, dict[str, Any]]) -> list[str]:
+    """Layers whose measured speedup is below ``SLOW_WARNING`` of what their MACs allow."""
+    return [n for n, r in rows.items()
+            if r["speedup"] is not None and r["macs_speedup"] and r["speedup"] < SLOW_WARNING * r["macs_speedup"]]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """The torch device to export for; a precise error when it is not usable here."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"--device {device!r} is not a device name; use cpu or cuda (cuda:N)") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda: no CUDA GPU is usable here; export on the machine that will run "
+                              "the model, or use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {device}: there are {torch.cuda.device_count()} CUDA devices")
+    elif dev.type != "cpu":
+        raise ConfigError(f"--device {device!r} is not supported; use cpu or cuda")
+    return dev
+
+
 def fixed_choices(plan: CompressionPlan, strategy: str) -> dict[str, Any]:
     """Every layer in ``strategy`` (with its default options), without measuring: the same
-    shapes on every machine, which a size gate in CI needs. Strided convs cannot use the
-    native kernel and fall back to ``split``."""
+    shapes on every machine, which a size gate in CI needs. Layers the strategy does not
+    apply to (``kernel`` on a Linear layer) use ``split``."""
     from .compact import default_candidates
     from .compact.factory import CONV_STRATEGIES
 
@@ -153,7 +193,7 @@ def unpack_state(state: dict[str, torch.Tensor], model: nn.Module, plan: Compres
 def export_compact(artifact: str | Path, output: str | Path | None, *, batch_size: int = 1,
                    batch_sizes: tuple[int, ...] = (1, 32), threads: int | None = None, overwrite: bool = False,
                    measure: bool = True, check_inputs: list[torch.Tensor] | None = None, strategy: str = "auto",
-                   progress: Progress | None = None) -> ExportResult:
+                   device: str | torch.device = "cpu", progress: Progress | None = None) -> ExportResult:
     """Materialise the fastest compact model of a masked artifact and (with ``output``) save it.
 
     Args:
@@ -163,9 +203,16 @@ def export_compact(artifact: str | Path, output: str | Path | None, *, batch_siz
         check_inputs: inputs for the equivalence check (default: 8 seeded random batches).
         strategy: "auto" measures every layer's strategies and keeps the fastest (never slower
             than dense); a strategy name uses it everywhere without measuring (deterministic).
+        device: where the model will run ("cpu", "cuda", "cuda:1"); every measurement runs
+            there. The native kernel is CPU code, so on a GPU the forms are dense, split
+            and grouped. The returned model is on this device; the saved weights are not
+            tied to it (``sgcompress.load`` gives a CPU model, ``.to(device)`` moves it).
     """
     from .compact import fvcore_handles, materialize
 
+    dev = resolve_device(device)
+    if strategy == "kernel" and dev.type != "cpu":
+        raise ConfigError("--strategy kernel is CPU code; for a GPU use auto, dense, split or grouped")
     if read_manifest(artifact).get("stage") == "compact":
         raise ArtifactError(f"{artifact} is already a compact export; export the pruned or fine-tuned artifact")
     art = load_artifact(artifact)
@@ -173,7 +220,11 @@ def export_compact(artifact: str | Path, output: str | Path | None, *, batch_siz
         raise ArtifactError(f"{output} already exists; choose another -o or pass --force to replace it")
     shape = art.input_shape
     masked = art.model.eval()
-    example = torch.randn(batch_size, *shape, generator=torch.Generator().manual_seed(0))
+    dense = strip_masks(copy.deepcopy(masked))
+    # MACs are counted on the CPU (a property of the model, not of the device)
+    macs = {"dense": count_macs(dense, shape).total, "effective": count_macs(masked, shape).total}
+    masked, dense = masked.to(dev), dense.to(dev)
+    example = torch.randn(batch_size, *shape, generator=torch.Generator().manual_seed(0)).to(dev)
     compact, choices = materialize(
         masked, example, threads=threads, plan=art.plan,
         choices=None if strategy == "auto" else fixed_choices(art.plan, strategy),
@@ -182,19 +233,18 @@ def export_compact(artifact: str | Path, output: str | Path | None, *, batch_siz
     compact.eval()
     gen = torch.Generator().manual_seed(1)
     inputs = check_inputs or [torch.randn(4, *shape, generator=gen) for _ in range(8)]
-    equivalence = check_equivalence(masked, compact, inputs)
+    equivalence = check_equivalence(masked, compact, [x.to(dev) for x in inputs])
 
-    dense = strip_masks(copy.deepcopy(masked))
     # effective: what the plan leaves (pruned connections not counted), the theoretical floor;
     # compact_executed: what the compact model really computes (groups merged or padded for speed)
-    macs = {"dense": count_macs(dense, shape).total, "effective": count_macs(masked, shape).total,
-            "compact_executed": count_macs(compact, shape, op_handles=fvcore_handles()).total}
+    on_cpu = compact if dev.type == "cpu" else copy.deepcopy(compact).cpu()
+    macs["compact_executed"] = count_macs(on_cpu, shape, op_handles=fvcore_handles()).total
     report: dict[str, Any] = {
         "units": {"macs": "multiply-accumulates per image (fvcore count)", "latency": "milliseconds per batch"},
         "input_shape": list(shape), "macs": macs, "params": {
             "dense": count_params(dense).total, "compact": count_params(compact).total},
-        "equivalence": equivalence, "strategy_batch_size": batch_size,
-        "layers": {name: {k: v for k, v in c.items() if k != "options"} for name, c in choices.items()},
+        "equivalence": equivalence, "strategy_batch_size": batch_size, "device": str(dev),
+        "layers": layer_rows(art.plan, choices),
     }
     if measure:
         report["latency"] = _latency_rows({"dense": dense, "masked": masked, "compact": compact}, shape,
@@ -204,15 +254,23 @@ def export_compact(artifact: str | Path, output: str | Path | None, *, batch_siz
             f"speedup {r['macs_speedup']:.2f}x"
             for lat in report["latency"] for r in lat["rows"]
             if r["model"] == "compact" and r["macs_speedup"] and r["speedup"] < SLOW_WARNING * r["macs_speedup"]]
+    slow = slow_layers(report["layers"])
+    if slow:
+        names = ", ".join(slow[:6]) + (f" and {len(slow) - 6} more" if len(slow) > 6 else "")
+        report.setdefault("warnings", []).append(
+            f"{len(slow)} of {len(report['layers'])} pruned layers measured below 70 % of their MACs speedup "
+            f"at batch {batch_size}: {names} (per-layer table)")
     path = None
     if output is not None:
         manifest = make_manifest(art.spec, stage="compact", source=str(Path(artifact).resolve()),
                                  settings={"export": {"batch_size": batch_size, "threads": threads,
-                                                      "strategy": strategy, "device": "cpu"}}, parent=art.manifest)
+                                                      "strategy": strategy, "device": str(dev)}},
+                                 parent=art.manifest)
         with _io.atomic_directory(output, overwrite=overwrite) as tmp:
             (tmp / "plan.json").write_text(art.plan.to_json())
             (tmp / "compact.json").write_text(json.dumps(choices, indent=1) + "\n")
-            save_file(packed_state(compact, art.plan, choices), str(tmp / "weights.safetensors"),
+            state = {k: v.cpu() for k, v in packed_state(compact, art.plan, choices).items()}
+            save_file(state, str(tmp / "weights.safetensors"),
                       metadata={"format": FORMAT, "stage": "compact"})
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
             report["files"] = {"weights.safetensors": (tmp / "weights.safetensors").stat().st_size}
@@ -251,7 +309,8 @@ def export_torchscript(model: nn.Module, example: torch.Tensor, path: str | Path
 
     from .compact import portable
 
-    model = portable(copy.deepcopy(model))  # plain PyTorch ops only: loads without sgcompress
+    # plain PyTorch ops only (loads without sgcompress), traced on the CPU (.to(device) after loading)
+    model, example = portable(copy.deepcopy(model)).cpu(), example.cpu()
     with torch.inference_mode(False), torch.no_grad():
         try:
             scripted = torch.jit.trace(model.eval(), example, check_trace=False)
@@ -271,7 +330,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, *, ch
 
     from .compact import portable
 
-    model = portable(copy.deepcopy(model))  # ONNX has no sgcompress::gconv
+    model, example = portable(copy.deepcopy(model)).cpu(), example.cpu()  # ONNX has no sgcompress::gconv
     buf = io.BytesIO()
     try:
         with warnings.catch_warnings():

@@ -147,30 +147,54 @@ def measure_latency(
     synchronises around every run. ``min_seconds`` keeps repeating (beyond ``repeats``)
     until that much time was measured, which steadies fast models.
     """
-    was_training = model.training
-    model.eval()
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
+    return measure_latencies({"model": model}, input_shape, batch_size=batch_size, threads=threads,
+                             warmup=warmup, repeats=repeats, min_seconds=min_seconds)["model"]
+
+
+def measure_latencies(
+    models: dict[str, nn.Module],
+    input_shape: tuple[int, ...],
+    *,
+    batch_size: int = 1,
+    threads: int | None = None,
+    warmup: int = 3,
+    repeats: int = 10,
+    min_seconds: float = 0.0,
+) -> dict[str, Latency]:
+    """:func:`measure_latency` of several models, interleaved: every round runs each model
+    once, so a slow spell of the machine (other processes, clock changes) hits them all
+    alike and their ratios stay fair. Rounds continue past ``repeats`` until every model
+    has been timed for ``min_seconds``."""
+    states = {name: m.training for name, m in models.items()}
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(batch_size, *input_shape, generator=gen).to(device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times: list[float] = []
+    x_cpu = torch.randn(batch_size, *input_shape, generator=gen)
+    inputs, syncs = {}, {}
+    for name, m in models.items():
+        param = next(m.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        inputs[name] = x_cpu.to(device)
+        syncs[name] = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times: dict[str, list[float]] = {name: [] for name in models}
     try:
         with num_threads(threads), torch.inference_mode():
-            for _ in range(warmup):
-                model(x)
-            sync()
-            spent = 0.0
-            while len(times) < repeats or spent < min_seconds:
-                t0 = time.perf_counter()
-                model(x)
-                sync()
-                dt = time.perf_counter() - t0
-                times.append(dt)
-                spent += dt
+            for name, m in models.items():
+                m.eval()
+                for _ in range(warmup):
+                    m(inputs[name])
+                syncs[name]()
+            while min(len(t) for t in times.values()) < repeats or min(sum(t) for t in times.values()) < min_seconds:
+                for name, m in models.items():
+                    t0 = time.perf_counter()
+                    m(inputs[name])
+                    syncs[name]()
+                    times[name].append(time.perf_counter() - t0)
             used = torch.get_num_threads()
     finally:
-        model.train(was_training)
-    times.sort()
-    q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
-    return Latency(statistics.median(times) * 1e3, q[0] * 1e3, q[-1] * 1e3, batch_size, used, len(times))
+        for name, m in models.items():
+            m.train(states[name])
+    out = {}
+    for name, t in times.items():
+        t.sort()
+        q = statistics.quantiles(t, n=10) if len(t) >= 2 else [t[0]] * 9
+        out[name] = Latency(statistics.median(t) * 1e3, q[0] * 1e3, q[-1] * 1e3, batch_size, used, len(t))
+    return out

@@ -155,13 +155,13 @@ def demo_table(s: dict[str, Any]) -> Table:
 
 def export_tables(r: dict[str, Any]) -> list[Table]:
     """The compact export: per-layer form and measured time, then whole-model latency."""
-    t = Table(title="Per layer: measured forward time of the dense conv and of the form kept")
-    for col in ("layer", "form kept", "dense ms", "kept ms", "speedup"):
-        t.add_column(col, justify="left" if col in ("layer", "form kept") else "right")
+    t = Table(title=f"Per layer: measured forward time of the dense conv and of the form kept "
+                    f"(batch {r.get('strategy_batch_size', '?')})")
+    for col in ("layer", "form kept", "dense ms", "kept ms", "measured speedup", "MACs allow", ""):
+        t.add_column(col, justify="left" if col in ("layer", "form kept", "") else "right")
     for name, c in (r.get("layers") or {}).items():
-        secs = c.get("seconds") or {}
-        dense = secs.get("dense")
-        kept = min(secs.values()) if secs else None
-        t.add_row(name, c.get("strategy", ""), f"{1e3 * dense:.3f}" if dense else "",
-                  f"{1e3 * kept:.3f}" if kept else "", f"{dense / kept:.2f}x" if dense and kept else "not measured")
+        dense, kept, sp, allow = c.get("dense_ms"), c.get("kept_ms"), c.get("speedup"), c.get("macs_speedup")
+        flag = "below 70 %" if sp is not None and allow and sp < 0.7 * allow else ""
+        t.add_row(name, c.get("strategy", ""), f"{dense:.3f}" if dense else "", f"{kept:.3f}" if kept else "",
+                  f"{sp:.2f}x" if sp is not None else "not measured", f"{allow:.2f}x" if allow else "", flag)
     return [t, *latency_tables(r.get("latency", []))]

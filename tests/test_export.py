@@ -379,3 +379,65 @@ def test_gate_with_a_baseline_that_is_not_a_fingerprint(runner, exported, tmp_pa
     if r.exception is not None and not isinstance(r.exception, SystemExit):
         raise r.exception
     assert_user_error(r, str(base))
+
+
+def test_per_layer_speedup_beside_what_the_macs_allow():
+    from sgcompress.export import layer_rows, slow_layers
+    from sgcompress.plan import Block, CompressionPlan, LayerPlan
+
+    def conv(name, blocks):  # 4 filters x 4 inputs, 3x3
+        return LayerPlan(name=name, kind="conv", in_channels=4, out_channels=4, kernel_size=(3, 3), stride=(1, 1),
+                         padding=(1, 1), dilation=(1, 1), n_clusters=2, ratio=0.5, labels=(0, 0, 1, 1),
+                         blocks=tuple(Block(f, i) for f, i in blocks))
+
+    # a keeps 2 of 4 inputs per filter (8 of 16 connections: MACs allow 2x); b keeps 4 of 16 (4x)
+    plan = CompressionPlan("sgcnn", (conv("a", [((0, 1), (0, 1)), ((2, 3), (2, 3))]),
+                                     conv("b", [((0, 1), (0,)), ((2, 3), (3,))]),
+                                     conv("c", [((0, 1, 2, 3), ())])))
+    choices = {"a": {"strategy": "kernel", "options": {"merge": "labels", "tile": 8},
+                     "seconds": {"dense": 0.004, 'kernel[merge="labels",tile=8]': 0.0025}},
+               "b": {"strategy": "dense", "options": {}, "seconds": {"dense": 0.004, "split": 0.005}},
+               "c": {"strategy": "split", "options": {}, "seconds": {}}}
+    rows = layer_rows(plan, choices)
+    assert rows["a"]["macs_speedup"] == 2.0 and rows["a"]["speedup"] == pytest.approx(1.6)
+    assert rows["a"]["dense_ms"] == pytest.approx(4.0) and rows["a"]["kept_ms"] == pytest.approx(2.5)
+    assert rows["b"]["macs_speedup"] == 4.0 and rows["b"]["speedup"] == 1.0
+    assert rows["c"]["speedup"] is None and rows["c"]["macs_speedup"] is None  # not measured; nothing kept
+    # 1.6x >= 70 % of 2x; 1.0x < 70 % of 4x
+    assert slow_layers(rows) == ["b"]
+
+
+def test_export_report_lists_each_layer_speedup(exported):
+    rep = json.loads((exported.path / "report.json").read_text())
+    for name, r in rep["layers"].items():
+        assert r["dense_ms"] > 0 and r["kept_ms"] > 0 and r["speedup"] >= 1.0, name
+        assert r["macs_speedup"] > 1.0, name
+    slow = [n for n, r in rep["layers"].items() if r["speedup"] < 0.7 * r["macs_speedup"]]
+    flagged = [w for w in rep.get("warnings", []) if "pruned layers measured below 70 %" in w]
+    assert bool(flagged) == bool(slow)
+    if slow:
+        assert flagged[0].startswith(f"{len(slow)} of 4 pruned layers")
+
+
+def test_export_device_errors_name_the_fix(runner, art, tmp_path):
+    out = tmp_path / "exp"
+    assert_user_error(invoke(runner, "export", art, "-o", out, "--device", "tpu"), "--device 'tpu'", "cpu or cuda",
+                      out_dir=out)
+    if not torch.cuda.is_available():
+        assert_user_error(invoke(runner, "export", art, "-o", out, "--device", "cuda"), "no CUDA GPU",
+                          "--device cpu", out_dir=out)
+
+
+def test_kernel_is_a_cpu_candidate_only(masked):
+    from sgcompress.compact import default_candidates
+    from sgcompress.compact.factory import plan_from_masked
+
+    lp = plan_from_masked("conv2", masked.get_submodule("conv2"), n_clusters=2)
+    assert "kernel" in {s for s, _ in default_candidates(lp, "cpu")}
+    assert {s for s, _ in default_candidates(lp, "cuda")} == {"dense", "split", "grouped"}
+
+
+def test_export_records_its_device(exported):
+    manifest = json.loads((exported.path / "manifest.json").read_text())
+    assert manifest["settings"]["export"]["device"] == "cpu"
+    assert exported.report["device"] == "cpu"

@@ -97,3 +97,27 @@ def test_artifact_round_trip_and_report_matches_the_file(tiny_file, tmp_path):
     assert rep["compressed"]["params_effective"] == effective
     assert rep["compressed"]["params_effective"] == count_params(loaded).effective
     assert rep["files"]["weights.safetensors"] == (tmp_path / "art" / "weights.safetensors").stat().st_size
+
+
+def test_latencies_are_measured_interleaved_round_by_round():
+    from sgcompress.metrics import measure_latencies
+
+    calls = []
+
+    class Log(torch.nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            calls.append(self.name)
+            return x + self.w
+
+    models = {"a": Log("a").eval(), "b": Log("b").train()}
+    lats = measure_latencies(models, (2,), batch_size=3, threads=1, warmup=1, repeats=3)
+    assert calls == ["a", "b"] + ["a", "b"] * 3  # warm-up, then one run of each per round
+    assert {n: (lat.repeats, lat.batch_size, lat.threads) for n, lat in lats.items()} == {"a": (3, 3, 1),
+                                                                                           "b": (3, 3, 1)}
+    assert all(0 < lat.p10_ms <= lat.median_ms <= lat.p90_ms for lat in lats.values())
+    assert models["b"].training and not models["a"].training  # modes restored
