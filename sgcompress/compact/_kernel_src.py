@@ -1,11 +1,11 @@
 """C++ source of the gather-while-computing kernel (built on first use by :mod:`.kernel`).
 
 One op, ``sgcompress::gconv``: a convolution whose filters come in *tiles* of up to 8
-filters that share one list of input channels. The input is NCHW, already zero-padded;
-the output plane is computed over the flattened padded grid so every kernel tap is a
-constant offset, and row-wrap lanes are dropped at the store. A strided layer first splits
-each input plane into its stride_h x stride_w polyphase planes (one copy), on which the
-same holds. Input
+filters that share one list of input channels. The input is NCHW; the output plane is computed
+over the flattened zero-padded grid so every kernel tap is a constant offset, and row-wrap
+lanes are dropped at the store. A padded or strided layer first stages each input plane,
+zero-padded, as its stride_h x stride_w polyphase planes (one copy into a buffer that the
+calling thread keeps and reuses), on which the same holds. Input
 channels are read through an index list (row indirection) and outputs are written to
 their original channel (row indirection), so neither the gather nor the scatter copies
 anything. The register tile is 8 (or 4) filters x 32 pixels, accumulated with AVX-512
@@ -121,43 +121,67 @@ void tile_generic(const float* const* rows, int64_t K, const float* w, const int
 }
 }  // namespace
 
+// Per calling thread, reused across calls: staging a padded / polyphase copy of the input
+// in fresh memory each call costs more in page faults than the copy itself at large batch.
+std::vector<float>& staging_buffer() {
+  thread_local std::vector<float> buf;
+  return buf;
+}
+
 at::Tensor sg_gconv(const at::Tensor& x_in, const at::Tensor& wpack, const at::Tensor& tile_out,
                     const at::Tensor& tile_k, const at::Tensor& tile_w, const at::Tensor& tile_r,
                     const at::Tensor& kidx, const at::Tensor& bias, int64_t C_out,
-                    int64_t kh, int64_t kw, int64_t dh, int64_t dw, int64_t sh, int64_t sw) {
+                    int64_t kh, int64_t kw, int64_t dh, int64_t dw, int64_t sh, int64_t sw,
+                    int64_t ph, int64_t pw) {
   TORCH_CHECK(x_in.dim() == 4 && x_in.scalar_type() == at::kFloat, "sgcompress::gconv: x must be 4-D float32");
   TORCH_CHECK(wpack.scalar_type() == at::kFloat, "sgcompress::gconv: weights must be float32");
-  TORCH_CHECK(sh >= 1 && sw >= 1, "sgcompress::gconv: stride must be >= 1");
-  at::Tensor x = x_in.contiguous();
+  TORCH_CHECK(sh >= 1 && sw >= 1 && ph >= 0 && pw >= 0, "sgcompress::gconv: bad stride or padding");
+  const at::Tensor x = x_in.contiguous();
   const at::Tensor wc = wpack.contiguous();
-  const int64_t N = x.size(0), C = x.size(1), Hp = x.size(2), Wp = x.size(3);
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t Hp = H + 2 * ph, Wp = W + 2 * pw;
   TORCH_CHECK(Hp > dh * (kh - 1) && Wp > dw * (kw - 1), "sgcompress::gconv: input smaller than the kernel");
   const int64_t Ho = (Hp - dh * (kh - 1) - 1) / sh + 1, Wo = (Wp - dw * (kw - 1) - 1) / sw + 1;
-  // Strided: split each padded plane into its sh*sw polyphase components (one copy), so that
-  // every tap is again a constant offset on a grid of row width Wr whose pixels are outputs.
+  // Padding and stride: stage each zero-padded plane as its sh*sw polyphase planes (one copy
+  // into a reused buffer), so that every tap is a constant offset on a grid of row width Wr
+  // whose pixels are outputs. Neither: read x in place.
   const int64_t Hq = (Hp + sh - 1) / sh, Wr = (Wp + sw - 1) / sw;
   const int64_t nph = sh * sw, plane_q = Hq * Wr;
-  if (nph > 1) {
-    at::Tensor ph = at::empty({N, C, nph, Hq, Wr}, x.options());
-    const float* src = x.data_ptr<float>();
-    float* dst = ph.data_ptr<float>();
-    at::parallel_for(0, N * C, 16, [&](int64_t b, int64_t e) {
+  const float* xp = x.data_ptr<float>();
+  if (nph > 1 || ph > 0 || pw > 0) {
+    std::vector<float>& buf = staging_buffer();
+    const size_t need = static_cast<size_t>(N * C * nph * plane_q);
+    if (buf.size() < need) { std::vector<float>().swap(buf); buf.resize(need); }
+    const float* src = xp;
+    float* dst = buf.data();
+    at::parallel_for(0, N * C, 8, [&](int64_t b, int64_t e) {
       for (int64_t nc = b; nc < e; ++nc) {
-        const float* s = src + nc * Hp * Wp;
+        const float* s = src + nc * H * W;
         float* d = dst + nc * nph * plane_q;
         for (int64_t a = 0; a < sh; ++a) for (int64_t c = 0; c < sw; ++c) {
           float* dp = d + (a * sw + c) * plane_q;
           for (int64_t r = 0; r < Hq; ++r) {
-            const int64_t y = r * sh + a;
+            const int64_t y = r * sh + a - ph;  // row of x
             float* drow = dp + r * Wr;
-            if (y >= Hp) { std::fill(drow, drow + Wr, 0.f); continue; }
-            const float* srow = s + y * Wp;
-            for (int64_t q = 0; q < Wr; ++q) { const int64_t xx = q * sw + c; drow[q] = xx < Wp ? srow[xx] : 0.f; }
+            if (y < 0 || y >= H) { std::fill(drow, drow + Wr, 0.f); continue; }
+            const float* srow = s + y * W;
+            if (sw == 1) {  // left pad, the row, right pad
+              const int64_t left = std::min(pw, Wr);
+              std::fill(drow, drow + left, 0.f);
+              const int64_t n = std::min(W, Wr - left);
+              std::copy(srow, srow + n, drow + left);
+              std::fill(drow + left + n, drow + Wr, 0.f);
+            } else {
+              for (int64_t q = 0; q < Wr; ++q) {
+                const int64_t xx = q * sw + c - pw;
+                drow[q] = (xx >= 0 && xx < W) ? srow[xx] : 0.f;
+              }
+            }
           }
         }
       }
     });
-    x = ph;
+    xp = dst;
   }
   std::vector<int64_t> taps_v;
   for (int64_t i = 0; i < kh; ++i) for (int64_t j = 0; j < kw; ++j) {
@@ -169,7 +193,6 @@ at::Tensor sg_gconv(const at::Tensor& x_in, const at::Tensor& wpack, const at::T
   const int64_t T = tile_out.size(0), KK = kh * kw;
   at::Tensor out = at::empty({N, C_out, Ho, Wo}, x.options());
   if (N == 0 || C_out == 0 || plane_out == 0) return out;
-  const float* xp = x.data_ptr<float>();
   const float* wp = wc.data_ptr<float>();
   const int64_t* to = tile_out.data_ptr<int64_t>();
   const int64_t* tk = tile_k.data_ptr<int64_t>();

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 SCHEMA = (
     "gconv(Tensor x, Tensor wpack, Tensor tile_out, Tensor tile_k, Tensor tile_w, Tensor tile_r, "
-    "Tensor kidx, Tensor bias, int C_out, int kh, int kw, int dh, int dw, int sh=1, int sw=1) -> Tensor"
+    "Tensor kidx, Tensor bias, int C_out, int kh, int kw, int dh, int dw, int sh=1, int sw=1, int ph=0, int pw=0) -> Tensor"
 )
 TILE = 8  # filters per tile; must match kR in the C++ source
 
@@ -39,8 +39,11 @@ def _out_size(size: int, k: int, d: int, s: int) -> int:
 
 
 def gconv_reference(x, wpack, tile_out, tile_k, tile_w, tile_r, kidx, bias, C_out: int,
-                    kh: int, kw: int, dh: int, dw: int, sh: int = 1, sw: int = 1) -> torch.Tensor:
+                    kh: int, kw: int, dh: int, dw: int, sh: int = 1, sw: int = 1, ph: int = 0,
+                    pw: int = 0) -> torch.Tensor:
     """Pure-PyTorch ``gconv`` (slow, exact): one small conv per tile."""
+    if ph or pw:
+        x = F.pad(x, [pw, pw, ph, ph])
     n, _, hp, wp = x.shape
     ho, wo = _out_size(hp, kh, dh, sh), _out_size(wp, kw, dw, sw)
     out = x.new_zeros(n, C_out, ho, wo)
@@ -62,8 +65,10 @@ def gconv_reference(x, wpack, tile_out, tile_k, tile_w, tile_r, kidx, bias, C_ou
 
 
 @torch.library.register_fake("sgcompress::gconv", lib=_lib)
-def _gconv_fake(x, wpack, tile_out, tile_k, tile_w, tile_r, kidx, bias, C_out, kh, kw, dh, dw, sh=1, sw=1):
-    n, _, hp, wp = x.shape
+def _gconv_fake(x, wpack, tile_out, tile_k, tile_w, tile_r, kidx, bias, C_out, kh, kw, dh, dw, sh=1, sw=1,
+                ph=0, pw=0):
+    n, _, h, w = x.shape
+    hp, wp = h + 2 * ph, w + 2 * pw
     return x.new_empty(n, C_out, _out_size(hp, kh, dh, sh), _out_size(wp, kw, dw, sw))
 
 

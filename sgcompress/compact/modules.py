@@ -147,9 +147,7 @@ class KernelConv(nn.Module):
         self.kh, self.kw = kh, kw
         self.dh, self.dw = geometry.dilation
         self.sh, self.sw = geometry.stride
-        ph, pw = geometry.padding
-        self.pad: List[int] = [pw, pw, ph, ph]
-        self.needs_pad = ph > 0 or pw > 0
+        self.ph, self.pw = geometry.padding
         tile_out, tile_k, tile_w, tile_r, kidx = [], [0], [], [], []
         off = 0
         for g in groups:
@@ -175,12 +173,10 @@ class KernelConv(nn.Module):
         self.register_buffer("no_bias", torch.empty(0), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.needs_pad:
-            x = F.pad(x, self.pad)
         b = self.bias if self.bias is not None else self.no_bias
         return torch.ops.sgcompress.gconv(x, self.weight, self.tile_out, self.tile_k, self.tile_w, self.tile_r,
                                           self.kidx, b, self.out_channels, self.kh, self.kw, self.dh, self.dw,
-                                          self.sh, self.sw)
+                                          self.sh, self.sw, self.ph, self.pw)
 
     @torch.no_grad()
     def to_split(self) -> SplitConv:
