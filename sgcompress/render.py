@@ -62,7 +62,8 @@ def report_tables(r: dict[str, Any], per_layer: bool = True, summary: bool = Tru
     if per_layer and r.get("layers"):
         lt = Table(title="Pruned layers")
         for col in ("layer", "MACs before", "MACs after", "sparsity", "params after", "blocks"):
-            lt.add_column(col, justify="right" if col != "layer" else "left")
+            lt.add_column(col, justify="right" if col != "layer" else "left",
+                          overflow="fold" if col == "layer" else "ellipsis")
         for x in r["layers"]:
             lt.add_row(x["name"], macs(x["macs_before"]), macs(x["macs_after"]), pct(x["sparsity"]),
                        count(x["params_after"]), str(x["blocks"]))
@@ -158,7 +159,8 @@ def export_tables(r: dict[str, Any]) -> list[Table]:
     t = Table(title=f"Per layer: measured forward time of the dense conv and of the form kept "
                     f"(batch {r.get('strategy_batch_size', '?')})")
     for col in ("layer", "form kept", "dense ms", "kept ms", "measured speedup", "MACs allow", ""):
-        t.add_column(col, justify="left" if col in ("layer", "form kept", "") else "right")
+        t.add_column(col, justify="left" if col in ("layer", "form kept", "") else "right",
+                     overflow="fold" if col == "layer" else "ellipsis")
     for name, c in (r.get("layers") or {}).items():
         dense, kept, sp, allow = c.get("dense_ms"), c.get("kept_ms"), c.get("speedup"), c.get("macs_speedup")
         flag = "below 70 %" if sp is not None and allow and sp < 0.7 * allow else ""
