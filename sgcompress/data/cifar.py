@@ -12,7 +12,7 @@ import torch
 from ..errors import DataError
 from .common import (
     DataBundle,
-    _finish_tensor_bundle,
+    _finish_bundle,
     _listing,
     _split_train_val,
     _TensorSource,
@@ -107,7 +107,7 @@ def _load_cifar(folder: Path, root: Path, kind: str, input_shape, val_fraction, 
     if int(source.targets.max()) >= num_classes:
         raise DataError(f"CIFAR labels in {base} go beyond {num_classes - 1}")
     tr, va = _split_train_val(source.targets.numpy(), val_fraction, seed, limit)
-    return _finish_tensor_bundle(
+    return _finish_bundle(
         source, tr, va, np.arange(len(test_source)), test_source, num_classes=num_classes,
         native_channels=3, native=(32, 32), input_shape=input_shape, known=kind, mean=mean, std=std,
         augment=augment, flip=True, name=kind, seed=seed,

@@ -322,13 +322,18 @@ def _listing(path: Path, limit: int = 8) -> str:
     return ", ".join(entries[:limit]) + more
 
 
-def _finish_tensor_bundle(
-    source: Any, tr: np.ndarray, va: np.ndarray, test_idx: np.ndarray | None, test_source: Any, *,
-    num_classes: int, native_channels: int, native: tuple[int, int], input_shape, known: str | None,
-    mean, std, augment: bool, flip: bool, name: str, seed: int,
+def _finish_bundle(
+    source: Any, tr: np.ndarray, va: np.ndarray, test_idx: Any, test_source: Any, *,
+    num_classes: int, native_channels: int, native: tuple[int, int] | None, input_shape, known: str | None,
+    mean, std, augment: bool, flip: bool, name: str, seed: int, ref_size: tuple[int, int] | None = None,
+    what: str | None = None,
 ) -> DataBundle:
+    """Resolve size, channels and statistics, build the transforms and the three datasets.
+
+    ``native`` is the images' common size (None if they differ: then ``ref_size`` stands in
+    for it and ``input_shape`` must resize them); ``what`` names the data in messages."""
     channels = input_shape[0] if input_shape else native_channels
-    size = _resolve_size(native, input_shape, name)
+    size = _resolve_size(native or ref_size, input_shape, what or name)
     m, s = _resolve_stats(
         known, native_channels, channels, mean, std,
         lambda: _stats_from_source(source, tr, channels, size, native, seed),

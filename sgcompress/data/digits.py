@@ -9,7 +9,7 @@ from .common import (
     DIGITS_TEST_FRACTION,
     DIGITS_TEST_SEED,
     DataBundle,
-    _finish_tensor_bundle,
+    _finish_bundle,
     _split_train_val,
     _TensorSource,
 )
@@ -33,7 +33,7 @@ def _load_digits(input_shape, val_fraction, seed, mean, std, augment, limit) -> 
     source = _TensorSource(images, targets)
     tr, va = _split_train_val(d.target[pool], val_fraction, seed, limit)
     tr, va = pool[tr], pool[va]
-    return _finish_tensor_bundle(
+    return _finish_bundle(
         source, tr, va, test_idx, source, num_classes=10, native_channels=1, native=(8, 8),
         input_shape=input_shape, known=None, mean=mean, std=std, augment=augment, flip=False,
         name="digits", seed=seed,

@@ -13,13 +13,9 @@ from .common import (
     ACCEPTED_LAYOUTS,
     IMAGE_EXTENSIONS,
     DataBundle,
-    ImageDataset,
-    _build_transform,
+    _finish_bundle,
     _listing,
-    _resolve_size,
-    _resolve_stats,
     _split_train_val,
-    _stats_from_source,
 )
 
 # --------------------------------------------------------------------------- image folders
@@ -117,21 +113,12 @@ def _load_image_folder(folder: Path, input_shape, val_fraction, seed, mean, std,
             "give input_shape (e.g. (3, 224, 224)) so they are resized to one size"
         )
     native = next(iter(sizes)) if len(sizes) == 1 else None
-    ref = native or (min(h for h, _ in sizes), min(w for _, w in sizes))
-    size = _resolve_size(ref, input_shape, f"image folder {folder}")
-    channels = input_shape[0] if input_shape else native_channels
     targets = np.asarray(train_ds.targets, dtype=np.int64)
     tr, va = _split_train_val(targets, val_fraction, seed, limit)
-    m, s = _resolve_stats(
-        None, native_channels, channels, mean, std,
-        lambda: _stats_from_source(train_ds, tr, channels, size, native, seed),
-    )
-    kw = dict(channels=channels, size=size, native_size=native, mean=m, std=s, flip=True)
-    train_tf = _build_transform(train=augment, **kw)
-    eval_tf = _build_transform(train=False, **kw)
-    test = None if test_ds is None else ImageDataset(test_ds, range(len(test_ds)), eval_tf)
-    return DataBundle(
-        train=ImageDataset(train_ds, tr, train_tf), val=ImageDataset(train_ds, va, eval_tf), test=test,
-        num_classes=len(train_ds.classes), in_channels=channels, image_size=size, mean=m, std=s,
-        name=f"imagefolder:{folder.name}",
+    return _finish_bundle(
+        train_ds, tr, va, None if test_ds is None else range(len(test_ds)), test_ds,
+        num_classes=len(train_ds.classes), native_channels=native_channels, native=native,
+        input_shape=input_shape, known=None, mean=mean, std=std, augment=augment, flip=True,
+        name=f"imagefolder:{folder.name}", seed=seed,
+        ref_size=(min(h for h, _ in sizes), min(w for _, w in sizes)), what=f"image folder {folder}",
     )

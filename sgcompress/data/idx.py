@@ -13,7 +13,7 @@ import torch
 from ..errors import DataError
 from .common import (
     DataBundle,
-    _finish_tensor_bundle,
+    _finish_bundle,
     _listing,
     _split_train_val,
     _TensorSource,
@@ -115,7 +115,7 @@ def _load_idx(folder: Path, files: dict[str, Path], input_shape, val_fraction, s
     tr, va = _split_train_val(y_tr.numpy(), val_fraction, seed, limit)
     native = (int(x_tr.shape[2]), int(x_tr.shape[3]))
     test_idx = np.arange(len(test_source)) if test_source is not None else None
-    return _finish_tensor_bundle(
+    return _finish_bundle(
         source, tr, va, test_idx, test_source, num_classes=num_classes, native_channels=1,
         native=native, input_shape=input_shape, known=known, mean=mean, std=std, augment=augment,
         flip=flip, name=name, seed=seed,
