@@ -259,7 +259,7 @@ def export_compact(artifact: str | Path, output: str | Path | None, *, batch_siz
         names = ", ".join(slow[:6]) + (f" and {len(slow) - 6} more" if len(slow) > 6 else "")
         report.setdefault("warnings", []).append(
             f"{len(slow)} of {len(report['layers'])} pruned layers measured below 70 % of their MACs speedup "
-            f"at batch {batch_size}: {names} (per-layer table)")
+            f"at batch {batch_size}: {names} (per-layer figures: `sgcompress report` on the export)")
     path = None
     if output is not None:
         manifest = make_manifest(art.spec, stage="compact", source=str(Path(artifact).resolve()),
