@@ -313,3 +313,28 @@ def test_reference_gconv_computes_the_masked_function(stride, pad, dil):
                               mod.bias, mod.out_channels, mod.kh, mod.kw, mod.dh, mod.dw, mod.sh, mod.sw,
                               mod.ph, mod.pw)
         assert max_rel_error(conv(x), got) <= TOL
+
+
+def test_without_the_native_kernel_the_op_falls_back_to_the_reference():
+    """Where no compiler is available (here: SGCOMPRESS_NO_KERNEL=1) kernel-form layers still run."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import torch\n"
+        "from test_compact import masked_conv, max_rel_error, TOL\n"
+        "from sgcompress.compact import compact_from_masked\n"
+        "from sgcompress.compact.kernel import kernel_status\n"
+        "conv, lp = masked_conv(9, 21, 3, 2, 1, 1, True, 3, 0.6, 11)\n"
+        "mod = compact_from_masked(conv, lp, 'kernel', {})\n"
+        "x = torch.randn(2, 9, 15, 13)\n"
+        "with torch.no_grad():\n"
+        "    assert max_rel_error(conv(x), mod(x)) <= TOL\n"
+        "assert kernel_status() == {'native': False, 'error': 'disabled by SGCOMPRESS_NO_KERNEL=1'}\n"
+    )
+    env = dict(os.environ, SGCOMPRESS_NO_KERNEL="1",
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
