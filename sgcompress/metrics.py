@@ -15,6 +15,7 @@ import logging
 import statistics
 import time
 import warnings
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
@@ -131,6 +132,39 @@ def num_threads(n: int | None):
         torch.set_num_threads(old)
 
 
+def time_interleaved(calls: Mapping[str, Callable[[], object]], *, warmup: int = 0, repeats: int = 1,
+                     min_seconds: float = 0.0, times: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+    """Wall-clock seconds of each call, interleaved: ``warmup`` untimed rounds, then rounds
+    that run every call once, at least ``repeats`` of them and on until each call has been
+    timed for ``min_seconds``. A slow spell of the machine (other processes, clock changes)
+    hits all calls alike, so their ratios stay fair. Samples are appended to ``times`` when
+    given (to measure some calls again). Each call synchronises its own device."""
+    times = times if times is not None else {}
+    for name in calls:
+        times.setdefault(name, [])
+    for _ in range(warmup):
+        for fn in calls.values():
+            fn()
+    spent = dict.fromkeys(calls, 0.0)
+    rounds = 0
+    while rounds < repeats or min(spent.values()) < min_seconds:
+        for name, fn in calls.items():
+            t0 = time.perf_counter()
+            fn()
+            dt = time.perf_counter() - t0
+            times[name].append(dt)
+            spent[name] += dt
+        rounds += 1
+    return times
+
+
+def synced_call(module: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    """``module(x)``, waiting for the device to finish (CUDA runs asynchronously)."""
+    if x.device.type == "cuda":
+        return lambda: (module(x), torch.cuda.synchronize(x.device))
+    return lambda: module(x)
+
+
 def measure_latency(
     model: nn.Module,
     input_shape: tuple[int, ...],
@@ -166,28 +200,16 @@ def measure_latencies(
     alike and their ratios stay fair. Rounds continue past ``repeats`` until every model
     has been timed for ``min_seconds``."""
     states = {name: m.training for name, m in models.items()}
-    gen = torch.Generator().manual_seed(0)
-    x_cpu = torch.randn(batch_size, *input_shape, generator=gen)
-    inputs, syncs = {}, {}
+    x_cpu = torch.randn(batch_size, *input_shape, generator=torch.Generator().manual_seed(0))
+    calls = {}
     for name, m in models.items():
         param = next(m.parameters(), None)
-        device = param.device if param is not None else torch.device("cpu")
-        inputs[name] = x_cpu.to(device)
-        syncs[name] = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times: dict[str, list[float]] = {name: [] for name in models}
+        calls[name] = synced_call(m, x_cpu.to(param.device if param is not None else "cpu"))
     try:
         with num_threads(threads), torch.inference_mode():
-            for name, m in models.items():
+            for m in models.values():
                 m.eval()
-                for _ in range(warmup):
-                    m(inputs[name])
-                syncs[name]()
-            while min(len(t) for t in times.values()) < repeats or min(sum(t) for t in times.values()) < min_seconds:
-                for name, m in models.items():
-                    t0 = time.perf_counter()
-                    m(inputs[name])
-                    syncs[name]()
-                    times[name].append(time.perf_counter() - t0)
+            times = time_interleaved(calls, warmup=warmup, repeats=repeats, min_seconds=min_seconds)
             used = torch.get_num_threads()
     finally:
         for name, m in models.items():

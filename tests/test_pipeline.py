@@ -121,3 +121,16 @@ def test_latencies_are_measured_interleaved_round_by_round():
                                                                                            "b": (3, 3, 1)}
     assert all(0 < lat.p10_ms <= lat.median_ms <= lat.p90_ms for lat in lats.values())
     assert models["b"].training and not models["a"].training  # modes restored
+
+
+def test_interleaved_timing_appends_to_earlier_samples():
+    from sgcompress.metrics import time_interleaved
+
+    order = []
+    calls = {k: (lambda k=k: order.append(k)) for k in "abc"}
+    times = time_interleaved(calls, warmup=1, repeats=2)
+    assert order == list("abc") * 3 and {k: len(v) for k, v in times.items()} == {"a": 2, "b": 2, "c": 2}
+    order.clear()
+    again = time_interleaved({"a": calls["a"], "c": calls["c"]}, repeats=3, times=times)
+    assert again is times and order == list("acacac")
+    assert {k: len(v) for k, v in times.items()} == {"a": 5, "b": 2, "c": 5}

@@ -60,7 +60,7 @@ def build_compact(layer_plan: LayerPlan, strategy: str, options: dict[str, Any] 
     if not applicable(lp, strategy):
         allowed = LINEAR_STRATEGIES if lp.kind == "linear" else CONV_STRATEGIES
         raise ConfigError(f"strategy {strategy!r} does not apply to layer {lp.name!r} "
-                          f"({lp.kind}, stride {tuple(lp.stride)}); use one of {', '.join(allowed)}")
+                          f"({lp.kind}); use one of {', '.join(allowed)}")
     if strategy == "dense":
         if lp.kind == "linear":
             return nn.Linear(lp.in_channels, lp.out_channels, bias=bias)

@@ -10,8 +10,6 @@ from __future__ import annotations
 import copy
 import logging
 import statistics
-import time
-from contextlib import contextmanager
 from typing import Any, Callable, Mapping
 
 import torch
@@ -19,26 +17,24 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..layers import MASKED_TYPES
+from ..metrics import num_threads, synced_call, time_interleaved
 from ..plan import CompressionPlan, LayerPlan
 from ..surgery import set_submodule
-from .factory import (CONV_STRATEGIES, LINEAR_STRATEGIES, applicable, build_compact, compact_from_masked, default_candidates,
-                      plan_from_masked, strategy_key)
+from .factory import (
+    CONV_STRATEGIES,
+    LINEAR_STRATEGIES,
+    applicable,
+    build_compact,
+    compact_from_masked,
+    default_candidates,
+    plan_from_masked,
+    strategy_key,
+)
 
 log = logging.getLogger(__name__)
 
 REL_TOL = 1e-4  # max |compact - masked| <= REL_TOL * max |masked|
 CLOSE = 0.85  # a compact form within this factor of dense is re-measured before it is chosen
-
-
-@contextmanager
-def _threads(n: int | None):
-    old = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(int(n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def _candidates(lp: LayerPlan, strategies, device_type: str = "cpu") -> list[tuple[str, dict[str, Any]]]:
@@ -76,7 +72,6 @@ def measure_layer(masked_layer: nn.Module, layer_plan: LayerPlan, example_input:
     """
     x = example_input
     ref = masked_layer(x)
-    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
     modules: dict[str, nn.Module] = {}
     for strat, opts in _candidates(layer_plan, strategies, x.device.type):
         key = strategy_key(strat, opts)
@@ -91,27 +86,15 @@ def measure_layer(masked_layer: nn.Module, layer_plan: LayerPlan, example_input:
                         layer_plan.name, key, err)
             continue
         modules[key] = mod
-    times: dict[str, list[float]] = {k: [] for k in modules}
-
-    def rounds(mods: dict[str, nn.Module], n: int, warm: int) -> None:
-        for _ in range(warm):
-            for m in mods.values():
-                m(x)
-        sync()
-        for _ in range(n):
-            for k, m in mods.items():
-                t0 = time.perf_counter()
-                m(x)
-                sync()
-                times[k].append(time.perf_counter() - t0)
-
-    with _threads(threads):
-        rounds(modules, repeats, warmup)
+    calls = {k: synced_call(m, x) for k, m in modules.items()}
+    with num_threads(threads):
+        times = time_interleaved(calls, warmup=warmup, repeats=repeats)
         med = {k: statistics.median(v) for k, v in times.items()}
         best = min(med, key=med.get)
         if best != "dense" and "dense" in med and med[best] > CLOSE * med["dense"]:
             # close call: measure the two again, back to back, and decide on all samples
-            rounds({"dense": modules["dense"], best: modules[best]}, 2 * repeats, 1)
+            time_interleaved({"dense": calls["dense"], best: calls[best]}, warmup=1, repeats=2 * repeats,
+                             times=times)
     if _modules_out is not None:
         _modules_out.update(modules)
     return {k: statistics.median(v) for k, v in times.items()}
