@@ -24,6 +24,7 @@ import torchvision
 
 from sgcompress.compact import ensure_kernel, kernel_status, materialize, max_rel_error
 from sgcompress.layers import MaskedConv2d
+from sgcompress.metrics import time_interleaved
 from sgcompress.plan import CompressionPlan, LayerPlan, blocks_from_mask
 from sgcompress.sgcnn import prune_step
 from sgcompress.surgery import apply_plan, strip_masks, to_masked
@@ -63,17 +64,10 @@ def make_plan(model, ratio: float, fc_ratio: float, groups: int, seed: int) -> C
     return CompressionPlan(method="sgcnn", layers=tuple(layers), settings={"ratio": ratio, "groups": groups})
 
 
-def interleaved(fns: dict, x, repeats: int, warmup: int = 1) -> dict[str, float]:
-    ts = {k: [] for k in fns}
+def interleaved(fns: dict, x, repeats: int, warmup: int = 1) -> tuple[dict[str, float], dict[str, float]]:
+    """(median, min) seconds per model on ``x``, timed round by round."""
     with torch.no_grad():
-        for _ in range(warmup):
-            for f in fns.values():
-                f(x)
-        for _ in range(repeats):
-            for k, f in fns.items():
-                t0 = time.perf_counter()
-                f(x)
-                ts[k].append(time.perf_counter() - t0)
+        ts = time_interleaved({k: (lambda f=f: f(x)) for k, f in fns.items()}, warmup=warmup, repeats=repeats)
     return {k: statistics.median(v) for k, v in ts.items()}, {k: min(v) for k, v in ts.items()}
 
 
