@@ -31,25 +31,24 @@ inline __mmask16 tail_mask(int64_t rem) {
   return rem >= 16 ? (__mmask16)0xFFFF : (rem <= 0 ? (__mmask16)0 : (__mmask16)((1u << rem) - 1u));
 }
 
-inline void store_vec(float* orow, __m512 a, int64_t qs, int64_t Qmax, int64_t Wp, int64_t Wo) {
-  if (qs >= Qmax) return;
-  if (Wp == Wo) {
-    _mm512_mask_storeu_ps(orow + qs, tail_mask(Qmax - qs), a);
+// Where the 16 lanes of the register vector starting at grid pixel 16*v go: ``bits`` marks the
+// lanes that are outputs (inside the plane, not a row-wrap column), ``first`` the output
+// index of the first of them; the marked lanes are consecutive outputs, so they are
+// compressed together and stored at ``first``. One table per call, shared by all filters.
+struct StoreMap {
+  const uint32_t* bits;
+  const int64_t* first;
+};
+
+inline void store_vec(float* orow, __m512 a, int64_t v, const StoreMap& sm) {
+  const uint32_t bits = sm.bits[v];
+  if (!bits) return;
+  if (bits == 0xFFFFu) {
+    _mm512_storeu_ps(orow + sm.first[v], a);
     return;
   }
-  uint32_t bits = 0;
-  int64_t first = -1;
-  for (int l = 0; l < 16; ++l) {
-    const int64_t q = qs + l;
-    if (q < Qmax && (q % Wp) < Wo) {
-      bits |= 1u << l;
-      if (first < 0) first = (q / Wp) * Wo + (q % Wp);
-    }
-  }
-  if (!bits) return;
-  const int cnt = __builtin_popcount(bits);
   const __m512 c = _mm512_maskz_compress_ps((__mmask16)bits, a);
-  _mm512_mask_storeu_ps(orow + first, tail_mask(cnt), c);
+  _mm512_mask_storeu_ps(orow + sm.first[v], tail_mask(__builtin_popcount(bits)), c);
 }
 
 #define SG_Z(r) __m512 a##r##0 = _mm512_setzero_ps(), a##r##1 = _mm512_setzero_ps(), a##r##2 = _mm512_setzero_ps();
@@ -58,9 +57,9 @@ inline void store_vec(float* orow, __m512 a, int64_t qs, int64_t Qmax, int64_t W
     if (NV > 2) a##r##2 = _mm512_fmadd_ps(wb, x2, a##r##2); }
 #define SG_S(r) if (R > r) { const int64_t f = fo[r]; if (f >= 0) { \
     const __m512 b = _mm512_set1_ps(bp ? bp[f] : 0.f); float* orow = op + f * plane_out; \
-    store_vec(orow, _mm512_add_ps(a##r##0, b), q0, Qmax, Wp, Wo); \
-    store_vec(orow, _mm512_add_ps(a##r##1, b), q0 + 16, Qmax, Wp, Wo); \
-    if (NV > 2) store_vec(orow, _mm512_add_ps(a##r##2, b), q0 + 32, Qmax, Wp, Wo); } }
+    store_vec(orow, _mm512_add_ps(a##r##0, b), v0, sm); \
+    store_vec(orow, _mm512_add_ps(a##r##1, b), v0 + 1, sm); \
+    if (NV > 2) store_vec(orow, _mm512_add_ps(a##r##2, b), v0 + 2, sm); } }
 #define SG_STEP(xs) { \
     const __m512 x0 = _mm512_maskz_loadu_ps(m0, (xs)); \
     const __m512 x1 = _mm512_maskz_loadu_ps(m1, (xs) + 16); \
@@ -72,8 +71,9 @@ inline void store_vec(float* orow, __m512 a, int64_t qs, int64_t Qmax, int64_t W
 template <int R, int NV>
 void tile_avx512(const float* const* rows, int64_t K, const float* wt, const int64_t* tp, int64_t KK,
                  const int64_t* fo, const float* bp, float* op, int64_t plane_out,
-                 int64_t q_begin, int64_t q_end, int64_t Qmax, int64_t Wp, int64_t Wo) {
+                 int64_t q_begin, int64_t q_end, int64_t Qmax, const StoreMap& sm) {
   for (int64_t q0 = q_begin; q0 < q_end; q0 += 16 * NV) {
+    const int64_t v0 = q0 / 16;
     const __mmask16 m0 = tail_mask(Qmax - q0), m1 = tail_mask(Qmax - q0 - 16), m2 = tail_mask(Qmax - q0 - 32);
     SG_Z(0) SG_Z(1) SG_Z(2) SG_Z(3) SG_Z(4) SG_Z(5) SG_Z(6) SG_Z(7)
     const float* w = wt;
@@ -208,6 +208,21 @@ at::Tensor sg_gconv(const at::Tensor& x_in, const at::Tensor& wpack, const at::T
   const int NV = (pad48 * 100 <= pad32 * 105) ? 3 : 2;
   const int64_t QC = NV == 3 ? 480 : 512;
   const int64_t nchunk = (Qmax + QC - 1) / QC;
+#if defined(__AVX512F__)
+  const int64_t nvec = (Qmax + 15) / 16 + 3;  // + the lanes a last 48-pixel tile runs past Qmax
+  std::vector<uint32_t> vbits(nvec, 0u);
+  std::vector<int64_t> vfirst(nvec, 0);
+  for (int64_t v = 0; v < nvec; ++v) {
+    for (int l = 15; l >= 0; --l) {
+      const int64_t q = v * 16 + l;
+      if (q < Qmax && (q % Wr) < Wo) {
+        vbits[v] |= 1u << l;
+        vfirst[v] = (q / Wr) * Wo + (q % Wr);
+      }
+    }
+  }
+  const StoreMap sm{vbits.data(), vfirst.data()};
+#endif
   at::parallel_for(0, N * nchunk * T, 1, [&](int64_t begin, int64_t end) {
     std::vector<const float*> rows;
     for (int64_t it = begin; it < end; ++it) {
@@ -220,7 +235,7 @@ at::Tensor sg_gconv(const at::Tensor& x_in, const at::Tensor& wpack, const at::T
       float* on = op + n * C_out * plane_out;
 #if defined(__AVX512F__)
 #define SG_CALL(R_, NV_) tile_avx512<R_, NV_>(rows.data(), K, wp + tw[t], tp, KK, to + t * kR, bp, on, plane_out, \
-                                               qb, qe, Qmax, Wr, Wo)
+                                               qb, qe, Qmax, sm)
       if (tr[t] > 4) { if (NV == 3) SG_CALL(8, 3); else SG_CALL(8, 2); }
       else { if (NV == 3) SG_CALL(4, 3); else SG_CALL(4, 2); }
 #else
