@@ -128,6 +128,43 @@ std::vector<float>& staging_buffer() {
   return buf;
 }
 
+// Stage planes [0, count) of src (H x W each) into dst: every plane zero-padded and split into
+// its sh*sw polyphase planes of Hq x Wr, so every kernel tap becomes a constant offset.
+void stage_planes(const float* src, int64_t count, float* dst, int64_t H, int64_t W, int64_t sh, int64_t sw,
+                  int64_t ph, int64_t pw, int64_t Hq, int64_t Wr) {
+  const int64_t plane_q = Hq * Wr, nph = sh * sw;
+  for (int64_t nc = 0; nc < count; ++nc) {
+    const float* s = src + nc * H * W;
+    float* d = dst + nc * nph * plane_q;
+    for (int64_t a = 0; a < sh; ++a) for (int64_t c = 0; c < sw; ++c) {
+      float* dp = d + (a * sw + c) * plane_q;
+      for (int64_t r = 0; r < Hq; ++r) {
+        const int64_t y = r * sh + a - ph;  // row of x
+        float* drow = dp + r * Wr;
+        if (y < 0 || y >= H) { std::fill(drow, drow + Wr, 0.f); continue; }
+        const float* srow = s + y * W;
+        if (sw == 1) {  // left pad, the row, right pad
+          const int64_t left = std::min(pw, Wr);
+          std::fill(drow, drow + left, 0.f);
+          const int64_t n = std::min(W, Wr - left);
+          std::copy(srow, srow + n, drow + left);
+          std::fill(drow + left + n, drow + Wr, 0.f);
+        } else {
+          for (int64_t q = 0; q < Wr; ++q) {
+            const int64_t xx = q * sw + c - pw;
+            drow[q] = (xx >= 0 && xx < W) ? srow[xx] : 0.f;
+          }
+        }
+      }
+    }
+  }
+}
+
+float* staged(std::vector<float>& buf, size_t need) {
+  if (buf.size() < need) { std::vector<float>().swap(buf); buf.resize(need); }
+  return buf.data();
+}
+
 at::Tensor sg_gconv(const at::Tensor& x_in, const at::Tensor& wpack, const at::Tensor& tile_out,
                     const at::Tensor& tile_k, const at::Tensor& tile_w, const at::Tensor& tile_r,
                     const at::Tensor& kidx, const at::Tensor& bias, int64_t C_out,
@@ -143,52 +180,18 @@ at::Tensor sg_gconv(const at::Tensor& x_in, const at::Tensor& wpack, const at::T
   TORCH_CHECK(Hp > dh * (kh - 1) && Wp > dw * (kw - 1), "sgcompress::gconv: input smaller than the kernel");
   const int64_t Ho = (Hp - dh * (kh - 1) - 1) / sh + 1, Wo = (Wp - dw * (kw - 1) - 1) / sw + 1;
   // Padding and stride: stage each zero-padded plane as its sh*sw polyphase planes (one copy
-  // into a reused buffer), so that every tap is a constant offset on a grid of row width Wr
-  // whose pixels are outputs. Neither: read x in place.
+  // into a buffer that the thread keeps), so that every tap is a constant offset on a grid of
+  // row width Wr whose pixels are outputs. Neither: read x in place.
   const int64_t Hq = (Hp + sh - 1) / sh, Wr = (Wp + sw - 1) / sw;
   const int64_t nph = sh * sw, plane_q = Hq * Wr;
+  const bool stage = nph > 1 || ph > 0 || pw > 0;
   const float* xp = x.data_ptr<float>();
-  if (nph > 1 || ph > 0 || pw > 0) {
-    std::vector<float>& buf = staging_buffer();
-    const size_t need = static_cast<size_t>(N * C * nph * plane_q);
-    if (buf.size() < need) { std::vector<float>().swap(buf); buf.resize(need); }
-    const float* src = xp;
-    float* dst = buf.data();
-    at::parallel_for(0, N * C, 8, [&](int64_t b, int64_t e) {
-      for (int64_t nc = b; nc < e; ++nc) {
-        const float* s = src + nc * H * W;
-        float* d = dst + nc * nph * plane_q;
-        for (int64_t a = 0; a < sh; ++a) for (int64_t c = 0; c < sw; ++c) {
-          float* dp = d + (a * sw + c) * plane_q;
-          for (int64_t r = 0; r < Hq; ++r) {
-            const int64_t y = r * sh + a - ph;  // row of x
-            float* drow = dp + r * Wr;
-            if (y < 0 || y >= H) { std::fill(drow, drow + Wr, 0.f); continue; }
-            const float* srow = s + y * W;
-            if (sw == 1) {  // left pad, the row, right pad
-              const int64_t left = std::min(pw, Wr);
-              std::fill(drow, drow + left, 0.f);
-              const int64_t n = std::min(W, Wr - left);
-              std::copy(srow, srow + n, drow + left);
-              std::fill(drow + left + n, drow + Wr, 0.f);
-            } else {
-              for (int64_t q = 0; q < Wr; ++q) {
-                const int64_t xx = q * sw + c - pw;
-                drow[q] = (xx >= 0 && xx < W) ? srow[xx] : 0.f;
-              }
-            }
-          }
-        }
-      }
-    });
-    xp = dst;
-  }
   std::vector<int64_t> taps_v;
   for (int64_t i = 0; i < kh; ++i) for (int64_t j = 0; j < kw; ++j) {
     const int64_t y = i * dh, xx = j * dw;
     taps_v.push_back(((y % sh) * sw + (xx % sw)) * plane_q + (y / sh) * Wr + xx / sw);
   }
-  const int64_t plane = nph * plane_q, plane_out = Ho * Wo;
+  const int64_t plane = stage ? nph * plane_q : H * W, plane_out = Ho * Wo;
   const int64_t Qmax = (Ho - 1) * Wr + Wo;
   const int64_t T = tile_out.size(0), KK = kh * kw;
   at::Tensor out = at::empty({N, C_out, Ho, Wo}, x.options());
@@ -223,24 +226,55 @@ at::Tensor sg_gconv(const at::Tensor& x_in, const at::Tensor& wpack, const at::T
   }
   const StoreMap sm{vbits.data(), vfirst.data()};
 #endif
+  // one chunk of one tile of sample n, reading the sample's (staged) planes at xn
+  auto run = [&](const float* xn, int64_t n, int64_t c, int64_t t, std::vector<const float*>& rows) {
+    const int64_t k0 = tk[t], K = tk[t + 1] - tk[t];
+    rows.resize(std::max<int64_t>(K, 1));
+    for (int64_t k = 0; k < K; ++k) rows[k] = xn + ki[k0 + k] * plane;
+    const int64_t qb = c * QC, qe = std::min(Qmax, qb + QC);
+    float* on = op + n * C_out * plane_out;
+#if defined(__AVX512F__)
+#define SG_CALL(R_, NV_) tile_avx512<R_, NV_>(rows.data(), K, wp + tw[t], tp, KK, to + t * kR, bp, on, plane_out, \
+                                             qb, qe, Qmax, sm)
+    if (tr[t] > 4) { if (NV == 3) SG_CALL(8, 3); else SG_CALL(8, 2); }
+    else { if (NV == 3) SG_CALL(4, 3); else SG_CALL(4, 2); }
+#else
+    tile_generic(rows.data(), K, wp + tw[t], tp, KK, to + t * kR, tr[t], bp, on, plane_out, qb, qe, Qmax, Wr, Wo);
+#endif
+  };
+  const size_t sample_floats = static_cast<size_t>(C * plane);
+  if (N >= 2 * at::get_num_threads()) {
+    // Enough samples for every thread: each thread takes whole samples, stages one at a time
+    // into its own buffer (cache-sized, where a whole-batch copy would go out to memory and
+    // back) and runs all its tiles from there.
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      std::vector<const float*> rows;
+      float* buf = stage ? staged(staging_buffer(), sample_floats) : nullptr;
+      for (int64_t n = begin; n < end; ++n) {
+        const float* xn = xp + n * C * H * W;
+        if (stage) {
+          stage_planes(xn, C, buf, H, W, sh, sw, ph, pw, Hq, Wr);
+          xn = buf;
+        }
+        for (int64_t c = 0; c < nchunk; ++c)
+          for (int64_t t = 0; t < T; ++t) run(xn, n, c, t, rows);
+      }
+    });
+    return out;
+  }
+  // Few samples: stage the whole batch (in parallel), then share out chunks x tiles.
+  if (stage) {
+    float* dst = staged(staging_buffer(), N * sample_floats);
+    at::parallel_for(0, N * C, 8, [&](int64_t b, int64_t e) {
+      stage_planes(xp + b * H * W, e - b, dst + b * plane, H, W, sh, sw, ph, pw, Hq, Wr);
+    });
+    xp = dst;
+  }
   at::parallel_for(0, N * nchunk * T, 1, [&](int64_t begin, int64_t end) {
     std::vector<const float*> rows;
     for (int64_t it = begin; it < end; ++it) {
       const int64_t t = it % T, c = (it / T) % nchunk, n = it / (T * nchunk);
-      const float* xn = xp + n * C * plane;
-      const int64_t k0 = tk[t], K = tk[t + 1] - tk[t];
-      rows.resize(std::max<int64_t>(K, 1));
-      for (int64_t k = 0; k < K; ++k) rows[k] = xn + ki[k0 + k] * plane;
-      const int64_t qb = c * QC, qe = std::min(Qmax, qb + QC);
-      float* on = op + n * C_out * plane_out;
-#if defined(__AVX512F__)
-#define SG_CALL(R_, NV_) tile_avx512<R_, NV_>(rows.data(), K, wp + tw[t], tp, KK, to + t * kR, bp, on, plane_out, \
-                                               qb, qe, Qmax, sm)
-      if (tr[t] > 4) { if (NV == 3) SG_CALL(8, 3); else SG_CALL(8, 2); }
-      else { if (NV == 3) SG_CALL(4, 3); else SG_CALL(4, 2); }
-#else
-      tile_generic(rows.data(), K, wp + tw[t], tp, KK, to + t * kR, tr[t], bp, on, plane_out, qb, qe, Qmax, Wr, Wo);
-#endif
+      run(xp + n * sample_floats, n, c, t, rows);
     }
   });
   return out;
