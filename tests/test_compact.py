@@ -282,12 +282,20 @@ def test_kernel_tile_widths_chunks_and_half_tiles(k, stride, pad, dil, size):
     # planes chosen to use both register-tile widths (32/48 pixels), several chunks,
     # row-wrap lanes (padding), clusters of 13 filters (8-wide + 4-wide tiles), and strides
     # whose polyphase planes are uneven (odd sizes) or have a zero-filled last row
+    # Both schedules: batch 1 (tiles shared out, whole batch staged) and batch 5 with 1 or 2
+    # threads (whole samples per thread, staged one by one; 1x1 groups packed per chunk).
     conv, lp = masked_conv(10, 26, k, stride, pad, dil, True, 2, 0.5, 7)
-    x = torch.randn(2, 10, size, size)
-    with torch.no_grad():
-        for options in ({"merge": "labels"}, {"merge": "blocks"}):
-            mod = compact_from_masked(conv, lp, "kernel", options)
-            assert max_rel_error(conv(x), mod(x)) <= TOL
+    threads = torch.get_num_threads()
+    try:
+        for n, nthreads in ((1, 2), (5, 1), (5, 2)):
+            torch.set_num_threads(nthreads)
+            x = torch.randn(n, 10, size, size)
+            with torch.no_grad():
+                for options in ({"merge": "labels"}, {"merge": "blocks"}):
+                    mod = compact_from_masked(conv, lp, "kernel", options)
+                    assert max_rel_error(conv(x), mod(x)) <= TOL, (n, nthreads, options)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_unknown_strategy_is_a_config_error():

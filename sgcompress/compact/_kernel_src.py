@@ -3,13 +3,19 @@
 One op, ``sgcompress::gconv``: a convolution whose filters come in *tiles* of up to 8
 filters that share one list of input channels. The input is NCHW; the output plane is computed
 over the flattened zero-padded grid so every kernel tap is a constant offset, and row-wrap
-lanes are dropped at the store. A padded or strided layer first stages each input plane,
-zero-padded, as its stride_h x stride_w polyphase planes (one copy into a buffer that the
-calling thread keeps and reuses), on which the same holds. Input
-channels are read through an index list (row indirection) and outputs are written to
-their original channel (row indirection), so neither the gather nor the scatter copies
-anything. The register tile is 8 (or 4) filters x 32 pixels, accumulated with AVX-512
-FMAs; a plain C++ loop is used when the compiler has no AVX-512.
+lanes are dropped at the store (through a per-call table of which lanes are outputs). A
+padded or strided layer first stages each input plane, zero-padded, as its stride_h x
+stride_w polyphase planes (into a buffer that the calling thread keeps and reuses), on which
+the same holds. Input channels are read through an index list (row indirection) and outputs
+are written to their original channel (row indirection), so neither the gather nor the
+scatter copies the tensor. The register tile is 8 (or 4) filters x 32 or 48 pixels,
+accumulated with AVX-512 FMAs; a plain C++ loop is used when the compiler has no AVX-512.
+
+Two schedules. With at least two samples per thread, each thread takes whole samples: it
+stages one sample at a time (the copy stays in its cache) and runs every tile on it; in a
+1x1 layer it first packs each group's input rows of a pixel chunk side by side, so the
+group's tiles stream them at a constant stride. With fewer samples the whole batch is
+staged at once and (sample, chunk, tile) items are shared out.
 """
 
 KERNEL_SOURCE = r"""
@@ -128,6 +134,12 @@ std::vector<float>& staging_buffer() {
   return buf;
 }
 
+// Per thread too: one group's input rows of one pixel chunk, packed (1x1 layers).
+std::vector<float>& panel_buffer() {
+  thread_local std::vector<float> buf;
+  return buf;
+}
+
 // Stage planes [0, count) of src (H x W each) into dst: every plane zero-padded and split into
 // its sh*sw polyphase planes of Hq x Wr, so every kernel tap becomes a constant offset.
 void stage_planes(const float* src, int64_t count, float* dst, int64_t H, int64_t W, int64_t sh, int64_t sw,
@@ -226,23 +238,36 @@ at::Tensor sg_gconv(const at::Tensor& x_in, const at::Tensor& wpack, const at::T
   }
   const StoreMap sm{vbits.data(), vfirst.data()};
 #endif
-  // one chunk of one tile of sample n, reading the sample's (staged) planes at xn
-  auto run = [&](const float* xn, int64_t n, int64_t c, int64_t t, std::vector<const float*>& rows) {
-    const int64_t k0 = tk[t], K = tk[t + 1] - tk[t];
-    rows.resize(std::max<int64_t>(K, 1));
-    for (int64_t k = 0; k < K; ++k) rows[k] = xn + ki[k0 + k] * plane;
+  // one chunk [qb, qe) of tile t of sample n, its input rows given (row k of the tile at rows[k])
+  auto compute = [&](const float* const* rows, int64_t n, int64_t c, int64_t t) {
+    const int64_t K = tk[t + 1] - tk[t];
     const int64_t qb = c * QC, qe = std::min(Qmax, qb + QC);
     float* on = op + n * C_out * plane_out;
 #if defined(__AVX512F__)
-#define SG_CALL(R_, NV_) tile_avx512<R_, NV_>(rows.data(), K, wp + tw[t], tp, KK, to + t * kR, bp, on, plane_out, \
+#define SG_CALL(R_, NV_) tile_avx512<R_, NV_>(rows, K, wp + tw[t], tp, KK, to + t * kR, bp, on, plane_out, \
                                              qb, qe, Qmax, sm)
     if (tr[t] > 4) { if (NV == 3) SG_CALL(8, 3); else SG_CALL(8, 2); }
     else { if (NV == 3) SG_CALL(4, 3); else SG_CALL(4, 2); }
 #else
-    tile_generic(rows.data(), K, wp + tw[t], tp, KK, to + t * kR, tr[t], bp, on, plane_out, qb, qe, Qmax, Wr, Wo);
+    tile_generic(rows, K, wp + tw[t], tp, KK, to + t * kR, tr[t], bp, on, plane_out, qb, qe, Qmax, Wr, Wo);
 #endif
   };
+  // the same, reading the sample's (staged) planes at xn in place
+  auto run = [&](const float* xn, int64_t n, int64_t c, int64_t t, std::vector<const float*>& rows) {
+    const int64_t k0 = tk[t], K = tk[t + 1] - tk[t];
+    rows.resize(std::max<int64_t>(K, 1));
+    for (int64_t k = 0; k < K; ++k) rows[k] = xn + ki[k0 + k] * plane;
+    compute(rows.data(), n, c, t);
+  };
+  // runs of consecutive tiles that read the same inputs (one group): [gs[j], gs[j + 1])
+  std::vector<int64_t> gs{0};
+  for (int64_t t = 1; t < T; ++t) {
+    const int64_t K = tk[t + 1] - tk[t];
+    if (K != tk[t] - tk[t - 1] || !std::equal(ki + tk[t], ki + tk[t] + K, ki + tk[t - 1])) gs.push_back(t);
+  }
+  gs.push_back(T);
   const size_t sample_floats = static_cast<size_t>(C * plane);
+  const bool pack = KK == 1 && !stage;
   if (N >= 2 * at::get_num_threads()) {
     // Enough samples for every thread: each thread takes whole samples, stages one at a time
     // into its own buffer (cache-sized, where a whole-batch copy would go out to memory and
@@ -256,8 +281,27 @@ at::Tensor sg_gconv(const at::Tensor& x_in, const at::Tensor& wpack, const at::T
           stage_planes(xn, C, buf, H, W, sh, sw, ph, pw, Hq, Wr);
           xn = buf;
         }
-        for (int64_t c = 0; c < nchunk; ++c)
-          for (int64_t t = 0; t < T; ++t) run(xn, n, c, t, rows);
+        for (int64_t c = 0; c < nchunk; ++c) {
+          for (size_t j = 0; j + 1 < gs.size(); ++j) {
+            const int64_t t0 = gs[j], t1 = gs[j + 1], K = tk[t0 + 1] - tk[t0];
+            if (!pack || t1 - t0 < 2 || K == 0) {
+              for (int64_t t = t0; t < t1; ++t) run(xn, n, c, t, rows);
+              continue;
+            }
+            // 1x1 group: copy its input rows of this chunk next to each other, so every tile
+            // of the group streams them in order (a constant stride the prefetcher follows)
+            const int64_t qb = c * QC, len = std::min(Qmax, qb + QC) - qb;
+            const int64_t ld = (len + 15) / 16 * 16 + 16;  // + 16: rows 64 B off the 4 KiB grid
+            float* pnl = staged(panel_buffer(), static_cast<size_t>(K * ld));
+            rows.resize(K);
+            for (int64_t k = 0; k < K; ++k) {
+              const float* src = xn + ki[tk[t0] + k] * plane + qb;
+              std::copy(src, src + len, pnl + k * ld);
+              rows[k] = pnl + k * ld - qb;
+            }
+            for (int64_t t = t0; t < t1; ++t) compute(rows.data(), n, c, t);
+          }
+        }
       }
     });
     return out;
