@@ -285,6 +285,9 @@ def export(
     strategy: Annotated[str, typer.Option(
         "--strategy", help="auto: measure each layer's forms and keep the fastest; dense|kernel|split|grouped: use one "
                            "everywhere without measuring (same shapes on every machine, for CI gates).")] = "auto",
+    fold_bn: Annotated[bool, typer.Option("--fold-bn", help="Fold each BatchNorm that directly follows a conv into it "
+                                                         "(the dense and masked models of the report are folded "
+                                                         "likewise).")] = False,
     no_latency: Annotated[bool, typer.Option("--no-latency", help="Skip the latency report.")] = False,
     no_check: Annotated[bool, typer.Option("--no-check", help="ONNX: skip the onnxruntime comparison.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace the output if it exists.")] = False,
@@ -305,7 +308,7 @@ def export(
         res = export_compact(artifact, output if fmt == Format.safetensors else None, batch_size=batch_size,
                              batch_sizes=_batches(batch_sizes), threads=threads, overwrite=force,
                              measure=not no_latency and fmt == Format.safetensors, strategy=strategy, device=device,
-                             progress=lambda ev: bar.update(task, description=f"measuring {ev.get('layer', '')}",
+                             fold_bn=fold_bn, progress=lambda ev: bar.update(task, description=f"measuring {ev.get('layer', '')}",
                                                             advance=1))
     example = torch.zeros(batch_size, *res.report["input_shape"])
     if fmt == Format.torchscript:
@@ -326,6 +329,9 @@ def export(
     out.print(f"equivalence with the masked model: max "
               f"difference {res.report['equivalence']['max_rel_diff']:.1e} x max|output|, top-1 identical on "
               f"{res.report['equivalence']['checked']} inputs")
+    if res.report["folded_batchnorm"]:
+        out.print(f"BatchNorm folded into {len(res.report['folded_batchnorm'])} convs (dense and masked timed "
+                  "folded likewise)")
     for t in render.export_tables(res.report):
         out.print(t)
     for w in res.report.get("warnings", []):

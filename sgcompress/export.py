@@ -33,6 +33,7 @@ from torch import nn
 from . import _io
 from .artifact import FORMAT, load_artifact, make_manifest, read_manifest, restore_tied
 from .errors import ArtifactError, ConfigError, ExportError
+from .fold import add_fold_bias, fold_batchnorm
 from .loading import ModelSpec, build_model, load_state_dict_strict
 from .metrics import count_macs, count_params, measure_latencies
 from .plan import CompressionPlan
@@ -193,7 +194,8 @@ def unpack_state(state: dict[str, torch.Tensor], model: nn.Module, plan: Compres
 def export_compact(artifact: str | Path, output: str | Path | None, *, batch_size: int = 1,
                    batch_sizes: tuple[int, ...] = (1, 32), threads: int | None = None, overwrite: bool = False,
                    measure: bool = True, check_inputs: list[torch.Tensor] | None = None, strategy: str = "auto",
-                   device: str | torch.device = "cpu", progress: Progress | None = None) -> ExportResult:
+                   device: str | torch.device = "cpu", fold_bn: bool = False,
+                   progress: Progress | None = None) -> ExportResult:
     """Materialise the fastest compact model of a masked artifact and (with ``output``) save it.
 
     Args:
@@ -207,6 +209,10 @@ def export_compact(artifact: str | Path, output: str | Path | None, *, batch_siz
             there. The native kernel is CPU code, so on a GPU the forms are dense, split
             and grouped. The returned model is on this device; the saved weights are not
             tied to it (``sgcompress.load`` gives a CPU model, ``.to(device)`` moves it).
+        fold_bn: fold every BatchNorm that directly follows a conv into it (see
+            :mod:`sgcompress.fold`); the dense and masked models of the latency report are
+            folded likewise, so the speedups compare like with like. The equivalence check
+            is against the unfolded masked model.
     """
     from .compact import fvcore_handles, materialize
 
@@ -224,9 +230,14 @@ def export_compact(artifact: str | Path, output: str | Path | None, *, batch_siz
     # MACs are counted on the CPU (a property of the model, not of the device)
     macs = {"dense": count_macs(dense, shape).total, "effective": count_macs(masked, shape).total}
     masked, dense = masked.to(dev), dense.to(dev)
+    source, folded = masked, []
+    if fold_bn:
+        source = copy.deepcopy(masked)
+        folded = fold_batchnorm(source)
+        fold_batchnorm(dense)
     example = torch.randn(batch_size, *shape, generator=torch.Generator().manual_seed(0)).to(dev)
     compact, choices = materialize(
-        masked, example, threads=threads, plan=art.plan,
+        source, example, threads=threads, plan=art.plan,
         choices=None if strategy == "auto" else fixed_choices(art.plan, strategy),
         progress=(lambda name, i, total, chosen: progress({"layer": name, "index": i, "total": total,
                                                             "strategy": chosen["strategy"]})) if progress else None)
@@ -244,10 +255,10 @@ def export_compact(artifact: str | Path, output: str | Path | None, *, batch_siz
         "input_shape": list(shape), "macs": macs, "params": {
             "dense": count_params(dense).total, "compact": count_params(compact).total},
         "equivalence": equivalence, "strategy_batch_size": batch_size, "device": str(dev),
-        "layers": layer_rows(art.plan, choices),
+        "folded_batchnorm": [list(p) for p in folded], "layers": layer_rows(art.plan, choices),
     }
     if measure:
-        report["latency"] = _latency_rows({"dense": dense, "masked": masked, "compact": compact}, shape,
+        report["latency"] = _latency_rows({"dense": dense, "masked": source, "compact": compact}, shape,
                                           batch_sizes, threads, macs)
         report["warnings"] = [
             f"batch {lat['batch_size']}: measured speedup {r['speedup']:.2f}x is below 70 % of the MACs "
@@ -264,7 +275,8 @@ def export_compact(artifact: str | Path, output: str | Path | None, *, batch_siz
     if output is not None:
         manifest = make_manifest(art.spec, stage="compact", source=str(Path(artifact).resolve()),
                                  settings={"export": {"batch_size": batch_size, "threads": threads,
-                                                      "strategy": strategy, "device": str(dev)}},
+                                                      "strategy": strategy, "device": str(dev),
+                                                      "fold_bn": [list(p) for p in folded]}},
                                  parent=art.manifest)
         with _io.atomic_directory(output, overwrite=overwrite) as tmp:
             (tmp / "plan.json").write_text(art.plan.to_json())
@@ -293,7 +305,9 @@ def load_compact(path: str | Path) -> nn.Module:
         choices = json.loads((path / "compact.json").read_text())
     except json.JSONDecodeError as e:
         raise ArtifactError(f"{path / 'compact.json'} is not valid JSON ({e}); re-export it") from e
-    model = rebuild(build_model(ModelSpec.from_dict(manifest["model"])), choices, plan=plan)
+    model = build_model(ModelSpec.from_dict(manifest["model"]))
+    add_fold_bias(model, [tuple(p) for p in manifest.get("settings", {}).get("export", {}).get("fold_bn", [])])
+    model = rebuild(model, choices, plan=plan)
     try:
         state = load_file(str(path / "weights.safetensors"))
     except Exception as e:  # safetensors raises several types for damaged files
