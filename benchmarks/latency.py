@@ -6,7 +6,9 @@ SG-CNN pruning (stem and shortcuts dense), the compact export chosen for each ba
 classifier and stem kept) searched to the same total MACs. Latency: warm-up, median of
 repeats with the models interleaved round by round, fixed threads, batch 1 and 32. One
 JSON line per configuration is appended to ``--out``; configurations already there are
-skipped (rerun to resume).
+skipped (rerun to resume). With ``--fold-bn`` every model (dense, masked, compact, Torch-Pruning)
+has its BatchNorms folded into the convs before them (``sgcompress.fold``); those rows are
+marked ``"fold_bn": true``.
 
     PYTHONPATH=. .venv/bin/python benchmarks/latency.py --archs resnet18 resnet50 densenet121 \
         --ratios 0.6 0.8 --groups 4 16 --batches 1 32 --out benchmarks/results/latency.jsonl
@@ -32,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sgcompress.artifact import make_manifest, save_artifact  # noqa: E402
 from sgcompress.config import PruneConfig  # noqa: E402
 from sgcompress.export import export_compact  # noqa: E402
+from sgcompress.fold import fold_batchnorm  # noqa: E402
 from sgcompress.loading import ModelSpec  # noqa: E402
 from sgcompress.metrics import count_macs, measure_latencies  # noqa: E402
 from sgcompress.pipeline import prune_model  # noqa: E402
@@ -72,7 +75,13 @@ def time_models(models: dict, batch: int, threads: int) -> dict[str, float]:
     return {name: lat.median_ms for name, lat in lats.items()}
 
 
-def run(arch: str, ratio: float, groups: int, batches, threads: int, work: Path) -> dict:
+def folded(model: torch.nn.Module) -> torch.nn.Module:
+    m = copy.deepcopy(model).eval()
+    fold_batchnorm(m)
+    return m
+
+
+def run(arch: str, ratio: float, groups: int, batches, threads: int, work: Path, fold_bn: bool = False) -> dict:
     torch.manual_seed(0)
     base = torchvision.models.get_model(arch, weights=None).eval()
     dense_macs = count_macs(base, SHAPE).total
@@ -85,7 +94,8 @@ def run(arch: str, ratio: float, groups: int, batches, threads: int, work: Path)
                                                       stage="pruned", settings={}, source=None),
                   res.report, overwrite=True)
     eff = res.report["compressed"]["macs"]
-    row = {"arch": arch, "ratio": ratio, "groups": groups, "threads": threads, "prune_seconds": prune_s,
+    row = {"arch": arch, "ratio": ratio, "groups": groups, "threads": threads, "fold_bn": fold_bn,
+           "prune_seconds": prune_s,
            "macs": {"dense": dense_macs, "effective": eff}, "batches": {}}
     tp_model = None
     try:
@@ -94,8 +104,11 @@ def run(arch: str, ratio: float, groups: int, batches, threads: int, work: Path)
         row["torch_pruning_channel_ratio"] = tp_ratio
     except ImportError:
         row["torch_pruning"] = "not installed"
+    if fold_bn:
+        base, masked = folded(base), folded(masked)
+        tp_model = folded(tp_model) if tp_model is not None else None
     for b in batches:
-        exp = export_compact(art, None, batch_size=b, threads=threads, measure=False)
+        exp = export_compact(art, None, batch_size=b, threads=threads, measure=False, fold_bn=fold_bn)
         row["macs"][f"compact_executed_b{b}"] = exp.report["macs"]["compact_executed"]
         strategies: dict[str, int] = {}
         for c in exp.choices.values():
@@ -117,6 +130,7 @@ def main() -> None:
     ap.add_argument("--groups", nargs="+", type=int, default=[4, 16])
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 32])
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--fold-bn", action="store_true", help="fold BatchNorm into the convs of every model")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/latency.jsonl"))
     args = ap.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -124,20 +138,20 @@ def main() -> None:
     if args.out.exists():
         for line in args.out.read_text().splitlines():
             r = json.loads(line)
-            done.add((r["arch"], r["ratio"], r["groups"]))
+            done.add((r["arch"], r["ratio"], r["groups"], r.get("fold_bn", False)))
     print(f"# {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}")
     with tempfile.TemporaryDirectory() as tmp:
         for arch in args.archs:
             for ratio in args.ratios:
                 for g in args.groups:
-                    if (arch, ratio, g) in done:
+                    if (arch, ratio, g, args.fold_bn) in done:
                         continue
-                    row = run(arch, ratio, g, args.batches, args.threads, Path(tmp))
+                    row = run(arch, ratio, g, args.batches, args.threads, Path(tmp), args.fold_bn)
                     with args.out.open("a") as f:
                         f.write(json.dumps(row) + "\n")
                     for b, r in row["batches"].items():
                         s = r["speedup"]
-                        print(f"{arch} ratio {ratio} g{g} batch {b}: dense {r['ms']['dense']:.1f} ms | "
+                        print(f"{arch} ratio {ratio} g{g}{' BN folded' if args.fold_bn else ''} batch {b}: dense {r['ms']['dense']:.1f} ms | "
                               f"masked {s['masked']:.2f}x | compact {s['compact']:.2f}x | "
                               f"torch-pruning {s.get('torch_pruning', float('nan')):.2f}x | "
                               f"MACs allow {row['macs']['dense'] / row['macs']['effective']:.2f}x | {r['strategies']}",

@@ -19,7 +19,8 @@ def table(rows: list[dict]) -> str:
             s = x["speedup"]
             tp = f"{s['torch_pruning']:.2f}x" if "torch_pruning" in s else "n/a"
             forms = ", ".join(f"{k} {v}" for k, v in x["strategies"].items())
-            lines.append(f"| {r['arch']} | {round(100 * r['ratio'])} % | {r['groups']} | {b} | {x['ms']['dense']:.1f} "
+            model = r["arch"] + (" (BN folded)" if r.get("fold_bn") else "")
+            lines.append(f"| {model} | {round(100 * r['ratio'])} % | {r['groups']} | {b} | {x['ms']['dense']:.1f} "
                          f"| {s['masked']:.2f}x | **{s['compact']:.2f}x** | {tp} "
                          f"| {r['macs']['dense'] / r['macs']['effective']:.2f}x | {forms} |")
     return "\n".join(lines)
