@@ -308,7 +308,8 @@ def export(
         res = export_compact(artifact, output if fmt == Format.safetensors else None, batch_size=batch_size,
                              batch_sizes=_batches(batch_sizes), threads=threads, overwrite=force,
                              measure=not no_latency and fmt == Format.safetensors, strategy=strategy, device=device,
-                             fold_bn=fold_bn, progress=lambda ev: bar.update(task, description=f"measuring {ev.get('layer', '')}",
+                             fold_bn=fold_bn,
+                             progress=lambda ev: bar.update(task, description=f"measuring {ev.get('layer', '')}",
                                                             advance=1))
     example = torch.zeros(batch_size, *res.report["input_shape"])
     if fmt == Format.torchscript:

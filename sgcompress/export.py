@@ -233,7 +233,7 @@ def export_compact(artifact: str | Path, output: str | Path | None, *, batch_siz
     source, folded = masked, []
     if fold_bn:
         source = copy.deepcopy(masked)
-        folded = fold_batchnorm(source)
+        folded = [list(p) for p in fold_batchnorm(source)]
         fold_batchnorm(dense)
     example = torch.randn(batch_size, *shape, generator=torch.Generator().manual_seed(0)).to(dev)
     compact, choices = materialize(
@@ -255,7 +255,7 @@ def export_compact(artifact: str | Path, output: str | Path | None, *, batch_siz
         "input_shape": list(shape), "macs": macs, "params": {
             "dense": count_params(dense).total, "compact": count_params(compact).total},
         "equivalence": equivalence, "strategy_batch_size": batch_size, "device": str(dev),
-        "folded_batchnorm": [list(p) for p in folded], "layers": layer_rows(art.plan, choices),
+        "folded_batchnorm": folded, "layers": layer_rows(art.plan, choices),
     }
     if measure:
         report["latency"] = _latency_rows({"dense": dense, "masked": source, "compact": compact}, shape,
@@ -276,7 +276,7 @@ def export_compact(artifact: str | Path, output: str | Path | None, *, batch_siz
         manifest = make_manifest(art.spec, stage="compact", source=str(Path(artifact).resolve()),
                                  settings={"export": {"batch_size": batch_size, "threads": threads,
                                                       "strategy": strategy, "device": str(dev),
-                                                      "fold_bn": [list(p) for p in folded]}},
+                                                      "fold_bn": folded}},
                                  parent=art.manifest)
         with _io.atomic_directory(output, overwrite=overwrite) as tmp:
             (tmp / "plan.json").write_text(art.plan.to_json())

@@ -138,3 +138,11 @@ def test_cli_fold_bn_says_what_it_folded(tiny_file_module, fold_art, tmp_path):
     assert "BatchNorm folded into 3 convs (dense and masked timed folded likewise)" in res.stdout
     report = json.loads((tmp_path / "exp" / "report.json").read_text())
     assert {r["model"] for r in report["latency"][0]["rows"]} == {"dense", "masked", "compact"}
+
+
+def test_folded_torchscript_export_computes_the_masked_function(fold_art, tmp_path):
+    out = tmp_path / "m.pt"
+    ok(invoke(CliRunner(), "export", fold_art, "--format", "torchscript", "--fold-bn", "-o", out))
+    scripted = torch.jit.load(str(out))
+    assert not any("BatchNorm" in m.original_name for m in scripted.modules())
+    assert_same_function(scripted, sgcompress.load_artifact(fold_art).model.eval(), random_inputs(seed=5))
