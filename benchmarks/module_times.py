@@ -14,25 +14,12 @@ from __future__ import annotations
 
 import argparse
 import collections
-import copy
 import statistics
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import torch
-import torchvision
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from sgcompress.artifact import make_manifest, save_artifact  # noqa: E402
-from sgcompress.config import PruneConfig  # noqa: E402
-from sgcompress.export import export_compact  # noqa: E402
-from sgcompress.loading import ModelSpec  # noqa: E402
-from sgcompress.pipeline import prune_model  # noqa: E402
-
-SHAPE = (3, 224, 224)
+from _resnet50 import SHAPE, dense_and_compact
 
 
 def module_times(model: torch.nn.Module, x: torch.Tensor, passes: int) -> tuple[dict[str, float], float]:
@@ -69,16 +56,7 @@ def main() -> None:
     ap.add_argument("--layers", action="store_true", help="print every conv as well")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    base = torchvision.models.resnet50().eval()
-    masked = copy.deepcopy(base)
-    res = prune_model(masked, SHAPE, PruneConfig(groups=args.groups, ratio=args.ratio))
-    with tempfile.TemporaryDirectory() as tmp:
-        art = Path(tmp) / "a"
-        save_artifact(art, masked, res.plan, make_manifest(ModelSpec("torchvision:resnet50", {}, 1000, SHAPE),
-                                                          stage="pruned", settings={}, source=None), res.report)
-        compact = export_compact(art, None, batch_size=args.batch, threads=args.threads, measure=False,
-                                 strategy=args.strategy).model
+    base, compact, plan = dense_and_compact(args.groups, args.ratio, args.batch, args.threads, args.strategy)
     x = torch.randn(args.batch, *SHAPE)
     runs: dict[str, list] = {"dense": [], "compact": []}
     for _ in range(2):
@@ -94,7 +72,7 @@ def main() -> None:
     for k in d:
         kind = type(base.get_submodule(k)).__name__
         if kind == "Conv2d":
-            kind = "pruned conv" if k in {lp.name for lp in res.plan.layers} else "unpruned conv"
+            kind = "pruned conv" if k in {lp.name for lp in plan.layers} else "unpruned conv"
         kinds[kind][0] += d[k]
         kinds[kind][1] += c[k]
     print(f"ResNet-50, {round(100 * args.ratio)} % removed, {args.groups} groups, batch {args.batch}, "

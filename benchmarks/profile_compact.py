@@ -9,21 +9,11 @@ passes of each model, divided by the number of passes.
 from __future__ import annotations
 
 import argparse
-import copy
-import tempfile
-from pathlib import Path
 
 import torch
-import torchvision
 from torch.profiler import ProfilerActivity, profile
 
-from sgcompress.artifact import make_manifest, save_artifact
-from sgcompress.config import PruneConfig
-from sgcompress.export import export_compact
-from sgcompress.loading import ModelSpec
-from sgcompress.pipeline import prune_model
-
-SHAPE = (3, 224, 224)
+from _resnet50 import SHAPE, dense_and_compact
 
 
 def main() -> None:
@@ -36,17 +26,9 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=10)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    base = torchvision.models.resnet50().eval()
-    masked = copy.deepcopy(base)
-    res = prune_model(masked, SHAPE, PruneConfig(groups=args.groups, ratio=args.ratio))
-    work = Path(tempfile.mkdtemp())
-    spec = ModelSpec("torchvision:resnet50", {}, 1000, SHAPE)
-    save_artifact(work / "a", masked, res.plan, make_manifest(spec, stage="pruned", settings={}, source=None),
-                  res.report)
-    exp = export_compact(work / "a", None, batch_size=args.batch, threads=args.threads, measure=False)
+    base, compact, _ = dense_and_compact(args.groups, args.ratio, args.batch, args.threads)
     x = torch.randn(args.batch, *SHAPE)
-    for name, model in (("dense", base), ("compact", exp.model)):
+    for name, model in (("dense", base), ("compact", compact)):
         with torch.inference_mode():
             for _ in range(3):
                 model(x)
