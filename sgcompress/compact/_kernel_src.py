@@ -77,17 +77,17 @@ inline void store_vec(float* orow, __m512 a, int64_t v, const StoreMap& sm) {
 template <int R, int NV>
 void tile_avx512(const float* const* rows, int64_t K, const float* wt, const int64_t* tp, int64_t KK,
                  const int64_t* fo, const float* bp, float* op, int64_t plane_out,
-                 int64_t q_begin, int64_t q_end, int64_t Qmax, const StoreMap& sm) {
+                 int64_t q_begin, int64_t q_end, int64_t Qmax, int64_t qoff, const StoreMap& sm) {
   for (int64_t q0 = q_begin; q0 < q_end; q0 += 16 * NV) {
     const int64_t v0 = q0 / 16;
     const __mmask16 m0 = tail_mask(Qmax - q0), m1 = tail_mask(Qmax - q0 - 16), m2 = tail_mask(Qmax - q0 - 32);
     SG_Z(0) SG_Z(1) SG_Z(2) SG_Z(3) SG_Z(4) SG_Z(5) SG_Z(6) SG_Z(7)
     const float* w = wt;
     if (KK == 1) {
-      for (int64_t k = 0; k < K; ++k, w += kR) SG_STEP(rows[k] + q0)
+      for (int64_t k = 0; k < K; ++k, w += kR) SG_STEP(rows[k] + (q0 - qoff))
     } else {
       for (int64_t k = 0; k < K; ++k) {
-        const float* xr = rows[k] + q0;
+        const float* xr = rows[k] + (q0 - qoff);
         for (int64_t a = 0; a < KK; ++a, w += kR) SG_STEP(xr + tp[a])
       }
     }
@@ -98,7 +98,7 @@ void tile_avx512(const float* const* rows, int64_t K, const float* wt, const int
 
 void tile_generic(const float* const* rows, int64_t K, const float* w, const int64_t* tp, int64_t KK,
                   const int64_t* fo, int64_t R, const float* bp, float* op, int64_t plane_out,
-                  int64_t q_begin, int64_t q_end, int64_t Qmax, int64_t Wp, int64_t Wo) {
+                  int64_t q_begin, int64_t q_end, int64_t Qmax, int64_t qoff, int64_t Wp, int64_t Wo) {
   float acc[kR][kPT];
   for (int64_t q0 = q_begin; q0 < q_end; q0 += kPT) {
     const int64_t n = std::min<int64_t>(kPT, q_end - q0);
@@ -106,7 +106,7 @@ void tile_generic(const float* const* rows, int64_t K, const float* w, const int
     const float* wk = w;
     for (int64_t k = 0; k < K; ++k) {
       for (int64_t a = 0; a < KK; ++a, wk += kR) {
-        const float* xs = rows[k] + q0 + tp[a];
+        const float* xs = rows[k] + (q0 - qoff) + tp[a];
         for (int64_t r = 0; r < R; ++r) {
           const float wv = wk[r];
           for (int64_t l = 0; l < n; ++l) acc[r][l] += wv * xs[l];
@@ -227,29 +227,29 @@ at::Tensor sg_gconv(const at::Tensor& x_in, const at::Tensor& wpack, const at::T
   const int64_t nvec = (Qmax + 15) / 16 + 3;  // + the lanes a last 48-pixel tile runs past Qmax
   std::vector<uint32_t> vbits(nvec, 0u);
   std::vector<int64_t> vfirst(nvec, 0);
-  for (int64_t v = 0; v < nvec; ++v) {
-    for (int l = 15; l >= 0; --l) {
-      const int64_t q = v * 16 + l;
-      if (q < Qmax && (q % Wr) < Wo) {
-        vbits[v] |= 1u << l;
-        vfirst[v] = (q / Wr) * Wo + (q % Wr);
-      }
+  for (int64_t q = 0, col = 0, o = 0; q < Qmax; ++q) {  // o: output index of grid pixel q
+    if (col < Wo) {
+      if (!vbits[q / 16]) vfirst[q / 16] = o;
+      vbits[q / 16] |= 1u << (q % 16);
+      ++o;
     }
+    if (++col == Wr) col = 0;
   }
   const StoreMap sm{vbits.data(), vfirst.data()};
 #endif
-  // one chunk [qb, qe) of tile t of sample n, its input rows given (row k of the tile at rows[k])
-  auto compute = [&](const float* const* rows, int64_t n, int64_t c, int64_t t) {
+  // one chunk [qb, qe) of tile t of sample n, its input rows given: grid pixel q of the tile's
+  // row k is rows[k][q - qoff]
+  auto compute = [&](const float* const* rows, int64_t qoff, int64_t n, int64_t c, int64_t t) {
     const int64_t K = tk[t + 1] - tk[t];
     const int64_t qb = c * QC, qe = std::min(Qmax, qb + QC);
     float* on = op + n * C_out * plane_out;
 #if defined(__AVX512F__)
 #define SG_CALL(R_, NV_) tile_avx512<R_, NV_>(rows, K, wp + tw[t], tp, KK, to + t * kR, bp, on, plane_out, \
-                                             qb, qe, Qmax, sm)
+                                             qb, qe, Qmax, qoff, sm)
     if (tr[t] > 4) { if (NV == 3) SG_CALL(8, 3); else SG_CALL(8, 2); }
     else { if (NV == 3) SG_CALL(4, 3); else SG_CALL(4, 2); }
 #else
-    tile_generic(rows, K, wp + tw[t], tp, KK, to + t * kR, tr[t], bp, on, plane_out, qb, qe, Qmax, Wr, Wo);
+    tile_generic(rows, K, wp + tw[t], tp, KK, to + t * kR, tr[t], bp, on, plane_out, qb, qe, Qmax, qoff, Wr, Wo);
 #endif
   };
   // the same, reading the sample's (staged) planes at xn in place
@@ -257,7 +257,7 @@ at::Tensor sg_gconv(const at::Tensor& x_in, const at::Tensor& wpack, const at::T
     const int64_t k0 = tk[t], K = tk[t + 1] - tk[t];
     rows.resize(std::max<int64_t>(K, 1));
     for (int64_t k = 0; k < K; ++k) rows[k] = xn + ki[k0 + k] * plane;
-    compute(rows.data(), n, c, t);
+    compute(rows.data(), 0, n, c, t);
   };
   // runs of consecutive tiles that read the same inputs (one group): [gs[j], gs[j + 1])
   std::vector<int64_t> gs{0};
@@ -297,9 +297,9 @@ at::Tensor sg_gconv(const at::Tensor& x_in, const at::Tensor& wpack, const at::T
             for (int64_t k = 0; k < K; ++k) {
               const float* src = xn + ki[tk[t0] + k] * plane + qb;
               std::copy(src, src + len, pnl + k * ld);
-              rows[k] = pnl + k * ld - qb;
+              rows[k] = pnl + k * ld;
             }
-            for (int64_t t = t0; t < t1; ++t) compute(rows.data(), n, c, t);
+            for (int64_t t = t0; t < t1; ++t) compute(rows.data(), qb, n, c, t);
           }
         }
       }
