@@ -298,6 +298,25 @@ def test_kernel_tile_widths_chunks_and_half_tiles(k, stride, pad, dil, size):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("cin,size,n,nthreads", [
+    (10, 7, 5, 1), (10, 5, 6, 2), (10, 4, 5, 1), (12, 23, 5, 2), (900, 7, 5, 1), (700, 5, 9, 2)])
+def test_kernel_1x1_panels_fold_samples_and_split_chunks(cin, size, n, nthreads):
+    # 1x1 layers with whole samples per thread: each group's input rows are packed block by
+    # block; planes under 512 pixels pack several samples side by side (49 and 25 pixels: a
+    # register vector spans two samples; 16: exactly one vector per sample), and wide layers
+    # (700-900 inputs) split a panel into several pixel chunks with a partial last block.
+    conv, lp = masked_conv(cin, 21, 1, 1, 0, 1, True, 3, 0.5, 5)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(nthreads)
+        x = torch.randn(n, cin, size, size)
+        with torch.no_grad():
+            mod = compact_from_masked(conv, lp, "kernel", {"merge": "cost", "tile": 8})
+            assert max_rel_error(conv(x), mod(x)) <= TOL
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_unknown_strategy_is_a_config_error():
     from sgcompress.errors import ConfigError
 

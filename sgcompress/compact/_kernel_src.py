@@ -94,7 +94,87 @@ void tile_avx512(const float* const* rows, int64_t K, const float* wt, const int
     SG_S(0) SG_S(1) SG_S(2) SG_S(3) SG_S(4) SG_S(5) SG_S(6) SG_S(7)
   }
 }
+
+// Where the lanes of vector v of a packed 1x1 panel go. The panel's pixel axis runs over one or
+// more samples' planes back to back, so a vector holds at most two runs of consecutive outputs:
+// ``bits``/``first`` for the lanes of the sample it starts in, ``bits2``/``first2`` for the
+// rest (the next sample); ``first`` values include the sample's offset in the output.
+struct PackMap {
+  const uint32_t* bits;
+  const int64_t* first;
+  const uint32_t* bits2;
+  const int64_t* first2;
+};
+
+inline void store_packed(float* orow, __m512 a, int64_t v, int64_t Qlim, const PackMap& pm) {
+  uint32_t b1 = pm.bits[v], b2 = pm.bits2[v];
+  if (16 * v + 16 > Qlim) {  // past the samples of this panel
+    const uint32_t lim = tail_mask(Qlim - 16 * v);
+    b1 &= lim;
+    b2 &= lim;
+  }
+  if (b1 == 0xFFFFu) {
+    _mm512_storeu_ps(orow + pm.first[v], a);
+  } else if (b1) {  // the low lanes: no compress needed
+    _mm512_mask_storeu_ps(orow + pm.first[v], tail_mask(__builtin_popcount(b1)), a);
+  }
+  if (b2) _mm512_mask_storeu_ps(orow + pm.first2[v], tail_mask(__builtin_popcount(b2)),
+                                _mm512_maskz_compress_ps((__mmask16)b2, a));
+}
+
+#define SG_SP(r) if (R > r) { const int64_t f = fo[r]; if (f >= 0) { \
+    const __m512 b = _mm512_set1_ps(bp ? bp[f] : 0.f); float* orow = op + f * plane_out; \
+    store_packed(orow, _mm512_add_ps(a##r##0, b), v0, Qlim, pm); \
+    store_packed(orow, _mm512_add_ps(a##r##1, b), v0 + 1, Qlim, pm); \
+    if (NV > 2) store_packed(orow, _mm512_add_ps(a##r##2, b), v0 + 2, Qlim, pm); } }
+
+// One tile of R filters of a 1x1 layer over nb register blocks of 16*NV panel pixels, the
+// first at q0: each block's K input rows lie back to back (16*NV floats each, zero past the
+// end), the blocks one after another from xb.
+template <int R, int NV>
+void tile_packed_avx512(const float* xb, int64_t nb, int64_t K, const float* wt, const int64_t* fo, const float* bp,
+                        float* op, int64_t plane_out, int64_t q0, int64_t Qlim, const PackMap& pm,
+                        const float*& pf, const float* pf_end) {
+ for (int64_t blk = 0; blk < nb; ++blk, q0 += 16 * NV) {
+  const int64_t v0 = q0 / 16;
+  SG_Z(0) SG_Z(1) SG_Z(2) SG_Z(3) SG_Z(4) SG_Z(5) SG_Z(6) SG_Z(7)
+  const float* w = wt;
+  for (int64_t k = 0; k < K; ++k, w += kR, xb += 16 * NV) {
+    if (pf < pf_end) {  // one line of the next samples' input per step, on its way to the cache
+      __builtin_prefetch(pf, 0, 1);
+      pf += 16;
+    }
+    const __m512 x0 = _mm512_loadu_ps(xb), x1 = _mm512_loadu_ps(xb + 16);
+    const __m512 x2 = NV > 2 ? _mm512_loadu_ps(xb + 32) : _mm512_setzero_ps();
+    SG_F(0) SG_F(1) SG_F(2) SG_F(3)
+    if (R > 4) { SG_F(4) SG_F(5) SG_F(6) SG_F(7) }
+  }
+  SG_SP(0) SG_SP(1) SG_SP(2) SG_SP(3) SG_SP(4) SG_SP(5) SG_SP(6) SG_SP(7)
+ }
+}
 #endif
+
+// The same without AVX-512: output pixel q of the panel is pixel q % plane of its sample q / plane.
+void tile_packed_generic(const float* xb, int64_t K, const float* w, const int64_t* fo, int64_t R, const float* bp,
+                         float* op, int64_t plane_out, int64_t q0, int64_t BW, int64_t Qlim, int64_t sample_out) {
+  float acc[kR][48];
+  const int64_t n = std::min<int64_t>(BW, Qlim - q0);
+  for (int64_t r = 0; r < kR; ++r) for (int64_t l = 0; l < BW; ++l) acc[r][l] = 0.f;
+  for (int64_t k = 0; k < K; ++k, w += kR, xb += BW)
+    for (int64_t r = 0; r < R; ++r) {
+      const float wv = w[r];
+      for (int64_t l = 0; l < n; ++l) acc[r][l] += wv * xb[l];
+    }
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t f = fo[r];
+    if (f < 0) continue;
+    const float b = bp ? bp[f] : 0.f;
+    for (int64_t l = 0; l < n; ++l) {
+      const int64_t q = q0 + l;
+      op[(q / plane_out) * sample_out + f * plane_out + q % plane_out] = acc[r][l] + b;
+    }
+  }
+}
 
 void tile_generic(const float* const* rows, int64_t K, const float* w, const int64_t* tp, int64_t KK,
                   const int64_t* fo, int64_t R, const float* bp, float* op, int64_t plane_out,
@@ -170,6 +250,18 @@ void stage_planes(const float* src, int64_t count, float* dst, int64_t H, int64_
       }
     }
   }
+}
+
+// dst[0, n) = src[0, n) for a short run (at most 48 floats: three masked vector moves)
+inline void copy_run(const float* src, int64_t n, float* dst) {
+#if defined(__AVX512F__)
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = tail_mask(n - i);
+    _mm512_mask_storeu_ps(dst + i, m, _mm512_maskz_loadu_ps(m, src + i));
+  }
+#else
+  std::copy(src, src + n, dst);
+#endif
 }
 
 float* staged(std::vector<float>& buf, size_t need) {
@@ -268,6 +360,99 @@ at::Tensor sg_gconv(const at::Tensor& x_in, const at::Tensor& wpack, const at::T
   gs.push_back(T);
   const size_t sample_floats = static_cast<size_t>(C * plane);
   const bool pack = KK == 1 && !stage;
+  if (N >= 2 * at::get_num_threads() && pack) {
+    // 1x1, enough samples for every thread: each thread takes whole samples. For each pixel
+    // chunk and each group it packs the group's input rows block by block (register block
+    // of BW pixels: the block's K rows back to back), so every tile of the group streams one
+    // contiguous block; a small plane packs FOLD samples side by side so the blocks fill.
+    const int64_t FOLD = (plane >= 16 && plane < 512) ? std::max<int64_t>(1, 1024 / plane) : 1;
+    const int64_t Lmax = FOLD * plane;
+    const int64_t p48 = (Lmax + 47) / 48 * 48, p32 = (Lmax + 31) / 32 * 32;
+    const int PNV = (p48 * 100 <= p32 * 105) ? 3 : 2;
+    const int64_t BW = 16 * PNV;
+    const int64_t sample_out = C_out * plane_out;
+#if defined(__AVX512F__)
+    const int64_t pvec = (Lmax + BW - 1) / BW * BW / 16;
+    std::vector<uint32_t> pb1(pvec, 0u), pb2(pvec, 0u);
+    std::vector<int64_t> pf1(pvec, 0), pf2(pvec, 0);
+    for (int64_t v = 0; v < pvec; ++v) {
+      const int64_t q = 16 * v;
+      if (q >= Lmax) break;
+      const int64_t smp = q / plane, px = q % plane;
+      const int64_t run = std::min<int64_t>({16, plane - px, Lmax - q});  // lanes in sample smp
+      pb1[v] = run >= 16 ? 0xFFFFu : (1u << run) - 1u;
+      pf1[v] = smp * sample_out + px;
+      const int64_t rest = std::min<int64_t>(16, Lmax - q) - run;  // lanes in sample smp + 1
+      if (rest > 0) {
+        pb2[v] = ((1u << rest) - 1u) << run;
+        pf2[v] = (smp + 1) * sample_out;
+      }
+    }
+    const PackMap pm{pb1.data(), pf1.data(), pb2.data(), pf2.data()};
+#endif
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; n += FOLD) {
+        const int64_t ms = std::min(FOLD, end - n), L = ms * plane;
+        // the next samples' input is fetched while these are computed (a stream the tiles pace)
+        const float* pf = xp + (n + ms) * C * plane;
+        const float* pf_end = xp + std::min(end, n + ms + FOLD) * C * plane;
+        float* on = op + n * sample_out;
+        const float* xn = xp + n * C * plane;
+        for (size_t j = 0; j + 1 < gs.size(); ++j) {
+          const int64_t t0 = gs[j], t1 = gs[j + 1], K = tk[t0 + 1] - tk[t0];
+          // pixel chunk: the group's packed rows of a chunk stay within about 256 KiB
+          const int64_t QP = std::max<int64_t>(BW, std::min<int64_t>((L + BW - 1) / BW * BW,
+                                                                     65536 / std::max<int64_t>(K, 1) / BW * BW));
+          for (int64_t qb = 0; qb < L; qb += QP) {
+            const int64_t qe = std::min(L, qb + QP), nb = (qe - qb + BW - 1) / BW;
+            float* pnl = staged(panel_buffer(), static_cast<size_t>(std::max<int64_t>(K, 1) * nb * BW));
+            const int64_t smp0 = qb / plane, px0 = qb % plane;
+            for (int64_t k = 0; k < K; ++k) {  // row k of every block: runs of one sample's plane
+              const float* src = xn + ki[tk[t0] + k] * plane;
+              if (k + 8 < K) {  // the source runs of row k + 8 (each a new stream) on their way
+                const float* ps = xn + ki[tk[t0] + k + 8] * plane;
+                for (int64_t q = qb, smp = smp0, px = px0; q < qe;) {
+                  const int64_t run = std::min(plane - px, qe - q);
+                  const float* a = ps + smp * C * plane + px;
+                  for (int64_t i = 0; i < run; i += 16) __builtin_prefetch(a + i, 0, 3);
+                  __builtin_prefetch(a + run - 1, 0, 3);
+                  q += run;
+                  px = 0;
+                  ++smp;
+                }
+              }
+              float* dst = pnl + k * BW;
+              for (int64_t q = qb, l = 0, smp = smp0, px = px0; q < qe;) {
+                const int64_t run = std::min({BW - l, plane - px, qe - q});
+                copy_run(src + smp * C * plane + px, run, dst + l);
+                q += run;
+                l += run;
+                px += run;
+                if (l == BW) { l = 0; dst += K * BW; }
+                if (px == plane) { px = 0; ++smp; }
+              }
+              const int64_t tail = nb * BW - (qe - qb);  // zero the last block's lanes past the end
+              if (tail) std::fill(pnl + ((nb - 1) * K + k) * BW + BW - tail, pnl + ((nb - 1) * K + k) * BW + BW, 0.f);
+            }
+            for (int64_t t = t0; t < t1; ++t) {  // each tile streams the chunk's blocks in order
+#if defined(__AVX512F__)
+#define SG_PCALL(R_, NV_) tile_packed_avx512<R_, NV_>(pnl, nb, K, wp + tw[t], to + t * kR, bp, on, plane_out, qb, L, \
+                                                     pm, pf, pf_end)
+              if (tr[t] > 4) { if (PNV == 3) SG_PCALL(8, 3); else SG_PCALL(8, 2); }
+              else { if (PNV == 3) SG_PCALL(4, 3); else SG_PCALL(4, 2); }
+#undef SG_PCALL
+#else
+              for (int64_t b = 0; b < nb; ++b)
+                tile_packed_generic(pnl + b * K * BW, K, wp + tw[t], to + t * kR, tr[t], bp, on, plane_out, qb + b * BW,
+                                    BW, L, sample_out);
+#endif
+            }
+          }
+        }
+      }
+    });
+    return out;
+  }
   if (N >= 2 * at::get_num_threads()) {
     // Enough samples for every thread: each thread takes whole samples, stages one at a time
     // into its own buffer (cache-sized, where a whole-batch copy would go out to memory and
@@ -281,27 +466,8 @@ at::Tensor sg_gconv(const at::Tensor& x_in, const at::Tensor& wpack, const at::T
           stage_planes(xn, C, buf, H, W, sh, sw, ph, pw, Hq, Wr);
           xn = buf;
         }
-        for (int64_t c = 0; c < nchunk; ++c) {
-          for (size_t j = 0; j + 1 < gs.size(); ++j) {
-            const int64_t t0 = gs[j], t1 = gs[j + 1], K = tk[t0 + 1] - tk[t0];
-            if (!pack || t1 - t0 < 2 || K == 0) {
-              for (int64_t t = t0; t < t1; ++t) run(xn, n, c, t, rows);
-              continue;
-            }
-            // 1x1 group: copy its input rows of this chunk next to each other, so every tile
-            // of the group streams them in order (a constant stride the prefetcher follows)
-            const int64_t qb = c * QC, len = std::min(Qmax, qb + QC) - qb;
-            const int64_t ld = (len + 15) / 16 * 16 + 16;  // + 16: rows 64 B off the 4 KiB grid
-            float* pnl = staged(panel_buffer(), static_cast<size_t>(K * ld));
-            rows.resize(K);
-            for (int64_t k = 0; k < K; ++k) {
-              const float* src = xn + ki[tk[t0] + k] * plane + qb;
-              std::copy(src, src + len, pnl + k * ld);
-              rows[k] = pnl + k * ld;
-            }
-            for (int64_t t = t0; t < t1; ++t) compute(rows.data(), qb, n, c, t);
-          }
-        }
+        for (int64_t c = 0; c < nchunk; ++c)
+          for (int64_t t = 0; t < T; ++t) run(xn, n, c, t, rows);
       }
     });
     return out;
