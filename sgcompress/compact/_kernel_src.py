@@ -8,14 +8,17 @@ padded or strided layer first stages each input plane, zero-padded, as its strid
 stride_w polyphase planes (into a buffer that the calling thread keeps and reuses), on which
 the same holds. Input channels are read through an index list (row indirection) and outputs
 are written to their original channel (row indirection), so neither the gather nor the
-scatter copies the tensor. The register tile is 8 (or 4) filters x 32 or 48 pixels,
+scatter copies the tensor (1x1 layers at large batch pack a chunk at a time, below). The register tile is 8 (or 4) filters x 32 or 48 pixels,
 accumulated with AVX-512 FMAs; a plain C++ loop is used when the compiler has no AVX-512.
 
-Two schedules. With at least two samples per thread, each thread takes whole samples: it
-stages one sample at a time (the copy stays in its cache) and runs every tile on it; in a
-1x1 layer it first packs each group's input rows of a pixel chunk side by side, so the
-group's tiles stream them at a constant stride. With fewer samples the whole batch is
-staged at once and (sample, chunk, tile) items are shared out.
+Three schedules. With at least two samples per thread, each thread takes whole samples. A
+1x1 layer then packs, per pixel chunk, each group's input rows block by block (one register
+block of pixels at a time, its rows back to back), so that every tile of the group streams
+the panel in order; a plane under 512 pixels packs several samples side by side, so the
+blocks fill (a 7x7 plane alone would leave a quarter of the lanes idle), and the next
+samples' input is prefetched while the tiles run. Any other layer stages one sample at a
+time (the copy stays in the thread's cache) and runs every tile on it. With fewer samples
+the whole batch is staged at once and (sample, chunk, tile) items are shared out.
 """
 
 KERNEL_SOURCE = r"""
