@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -40,6 +41,7 @@ from sgcompress.metrics import count_macs, measure_latencies  # noqa: E402
 from sgcompress.pipeline import prune_model  # noqa: E402
 
 SHAPE = (3, 224, 224)
+ALLOCATOR_ENV = ("GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_CONF", "THP_MEM_ALLOC_ENABLE")
 
 
 def torch_pruning_at(model: torch.nn.Module, target_macs: float, tol: float = 0.01):
@@ -95,6 +97,8 @@ def run(arch: str, ratio: float, groups: int, batches, threads: int, work: Path,
                   res.report, overwrite=True)
     eff = res.report["compressed"]["macs"]
     row = {"arch": arch, "ratio": ratio, "groups": groups, "threads": threads, "fold_bn": fold_bn,
+           # allocator settings change the page-fault cost of large batches (docs/benchmarks.md)
+           "allocator_env": {k: os.environ[k] for k in ALLOCATOR_ENV if k in os.environ},
            "prune_seconds": prune_s,
            "macs": {"dense": dense_macs, "effective": eff}, "batches": {}}
     tp_model = None

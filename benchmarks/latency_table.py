@@ -20,6 +20,8 @@ def table(rows: list[dict]) -> str:
             tp = f"{s['torch_pruning']:.2f}x" if "torch_pruning" in s else "n/a"
             forms = ", ".join(f"{k} {v}" for k, v in x["strategies"].items())
             model = r["arch"] + (" (BN folded)" if r.get("fold_bn") else "")
+            if r.get("allocator_env"):
+                model += " (" + ", ".join(f"{k}={v}" for k, v in r["allocator_env"].items()) + ")"
             lines.append(f"| {model} | {round(100 * r['ratio'])} % | {r['groups']} | {b} | {x['ms']['dense']:.1f} "
                          f"| {s['masked']:.2f}x | **{s['compact']:.2f}x** | {tp} "
                          f"| {r['macs']['dense'] / r['macs']['effective']:.2f}x | {forms} |")

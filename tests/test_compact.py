@@ -298,14 +298,17 @@ def test_kernel_tile_widths_chunks_and_half_tiles(k, stride, pad, dil, size):
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("cin,size,n,nthreads", [
-    (10, 7, 5, 1), (10, 5, 6, 2), (10, 4, 5, 1), (12, 23, 5, 2), (900, 7, 5, 1), (700, 5, 9, 2)])
-def test_kernel_1x1_panels_fold_samples_and_split_chunks(cin, size, n, nthreads):
-    # 1x1 layers with whole samples per thread: each group's input rows are packed block by
-    # block; planes under 512 pixels pack several samples side by side (49 and 25 pixels: a
-    # register vector spans two samples; 16: exactly one vector per sample), and wide layers
-    # (700-900 inputs) split a panel into several pixel chunks with a partial last block.
-    conv, lp = masked_conv(cin, 21, 1, 1, 0, 1, True, 3, 0.5, 5)
+@pytest.mark.parametrize("cin,cout,size,n,nthreads", [
+    (10, 60, 7, 5, 1), (10, 60, 5, 6, 2), (10, 60, 4, 5, 1), (12, 60, 23, 5, 2), (900, 60, 7, 5, 1),
+    (700, 60, 5, 9, 2), (10, 21, 7, 5, 2), (700, 21, 5, 9, 1)])
+def test_kernel_1x1_panels_fold_samples_and_split_chunks(cin, cout, size, n, nthreads):
+    # 1x1 layers with whole samples per thread: each group of two or more tiles (60 filters in
+    # 3 clusters) has its input rows packed block by block; planes under 512 pixels pack
+    # several samples side by side (49 and 25 pixels: a register vector spans two samples; 16:
+    # exactly one vector per sample), and wide layers (700-900 inputs) split a panel into
+    # several pixel chunks with a partial last block. With 21 filters most groups are one
+    # tile, read in place, next to packed ones.
+    conv, lp = masked_conv(cin, cout, 1, 1, 0, 1, True, 3, 0.5, 5)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(nthreads)
@@ -315,6 +318,10 @@ def test_kernel_1x1_panels_fold_samples_and_split_chunks(cin, size, n, nthreads)
             assert max_rel_error(conv(x), mod(x)) <= TOL
     finally:
         torch.set_num_threads(threads)
+    tk, ki = mod.tile_k.tolist(), mod.kidx.tolist()
+    lists = [ki[tk[t]:tk[t + 1]] for t in range(len(tk) - 1)]
+    packed = sum(a == b for a, b in zip(lists, lists[1:]))  # tiles that share the one before's inputs
+    assert (packed > 0) if cout == 60 else (packed < len(lists) - 1)
 
 
 def test_unknown_strategy_is_a_config_error():

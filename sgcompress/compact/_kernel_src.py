@@ -394,6 +394,7 @@ at::Tensor sg_gconv(const at::Tensor& x_in, const at::Tensor& wpack, const at::T
     const PackMap pm{pb1.data(), pf1.data(), pb2.data(), pf2.data()};
 #endif
     at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      std::vector<const float*> rows;
       for (int64_t n = begin; n < end; n += FOLD) {
         const int64_t ms = std::min(FOLD, end - n), L = ms * plane;
         // the next samples' input is fetched while these are computed (a stream the tiles pace)
@@ -403,6 +404,11 @@ at::Tensor sg_gconv(const at::Tensor& x_in, const at::Tensor& wpack, const at::T
         const float* xn = xp + n * C * plane;
         for (size_t j = 0; j + 1 < gs.size(); ++j) {
           const int64_t t0 = gs[j], t1 = gs[j + 1], K = tk[t0 + 1] - tk[t0];
+          if (t1 - t0 < 2) {  // a one-tile group would read its packed rows once: read them in place
+            for (int64_t s = 0; s < ms; ++s)
+              for (int64_t c = 0; c < nchunk; ++c) run(xn + s * C * plane, n + s, c, t0, rows);
+            continue;
+          }
           // pixel chunk: the group's packed rows of a chunk stay within about 256 KiB
           const int64_t QP = std::max<int64_t>(BW, std::min<int64_t>((L + BW - 1) / BW * BW,
                                                                      65536 / std::max<int64_t>(K, 1) / BW * BW));
