@@ -364,10 +364,11 @@ at::Tensor sg_gconv(const at::Tensor& x_in, const at::Tensor& wpack, const at::T
   const size_t sample_floats = static_cast<size_t>(C * plane);
   const bool pack = KK == 1 && !stage;
   if (N >= 2 * at::get_num_threads() && pack) {
-    // 1x1, enough samples for every thread: each thread takes whole samples. For each pixel
-    // chunk and each group it packs the group's input rows block by block (register block
-    // of BW pixels: the block's K rows back to back), so every tile of the group streams one
-    // contiguous block; a small plane packs FOLD samples side by side so the blocks fill.
+    // 1x1, enough samples for every thread: each thread takes whole samples. For each group
+    // of two or more tiles and each pixel chunk it packs the group's input rows block by
+    // block (register block of BW pixels: the block's K rows back to back), and every tile of
+    // the group then streams the chunk's blocks in address order; a small plane packs FOLD
+    // samples side by side so the blocks fill.
     const int64_t FOLD = (plane >= 16 && plane < 512) ? std::max<int64_t>(1, 1024 / plane) : 1;
     const int64_t Lmax = FOLD * plane;
     const int64_t p48 = (Lmax + 47) / 48 * 48, p32 = (Lmax + 31) / 32 * 32;
