@@ -33,7 +33,7 @@ KERNEL_SOURCE = r"""
 
 namespace {
 constexpr int64_t kR = 8;    // filters per tile (packed width of the weights)
-constexpr int64_t kPT = 32;  // pixels per register tile
+constexpr int64_t kPT = 48;  // pixels per register tile of the plain C++ loops (no AVX-512)
 
 #if defined(__AVX512F__)
 inline __mmask16 tail_mask(int64_t rem) {
@@ -157,55 +157,54 @@ void tile_packed_avx512(const float* xb, int64_t nb, int64_t K, const float* wt,
 }
 #endif
 
-// The same without AVX-512: output pixel q of the panel is pixel q % plane of its sample q / plane.
-void tile_packed_generic(const float* xb, int64_t K, const float* w, const int64_t* fo, int64_t R, const float* bp,
-                         float* op, int64_t plane_out, int64_t q0, int64_t BW, int64_t Qlim, int64_t sample_out) {
-  float acc[kR][48];
-  const int64_t n = std::min<int64_t>(BW, Qlim - q0);
-  for (int64_t r = 0; r < kR; ++r) for (int64_t l = 0; l < BW; ++l) acc[r][l] = 0.f;
-  for (int64_t k = 0; k < K; ++k, w += kR, xb += BW)
-    for (int64_t r = 0; r < R; ++r) {
-      const float wv = w[r];
-      for (int64_t l = 0; l < n; ++l) acc[r][l] += wv * xb[l];
-    }
+// Without AVX-512, a register tile is kPT pixels of R filters in a plain array: acc[r][l] +=
+// w[r] * xs[l] for one input row (one tap), and the bias-added store through dst(f, l).
+inline void fma_rows(float (&acc)[kR][kPT], int64_t R, const float* w, const float* xs, int64_t n) {
+  for (int64_t r = 0; r < R; ++r) {
+    const float wv = w[r];
+    for (int64_t l = 0; l < n; ++l) acc[r][l] += wv * xs[l];
+  }
+}
+
+template <typename Dst>
+inline void store_rows(const float (&acc)[kR][kPT], int64_t R, const int64_t* fo, const float* bp, int64_t n,
+                       Dst dst) {
   for (int64_t r = 0; r < R; ++r) {
     const int64_t f = fo[r];
     if (f < 0) continue;
     const float b = bp ? bp[f] : 0.f;
     for (int64_t l = 0; l < n; ++l) {
-      const int64_t q = q0 + l;
-      op[(q / plane_out) * sample_out + f * plane_out + q % plane_out] = acc[r][l] + b;
+      float* o = dst(f, l);
+      if (o) *o = acc[r][l] + b;
     }
   }
+}
+
+// The packed 1x1 tile: output pixel q of the panel is pixel q % plane of its sample q / plane.
+void tile_packed_generic(const float* xb, int64_t K, const float* w, const int64_t* fo, int64_t R, const float* bp,
+                         float* op, int64_t plane_out, int64_t q0, int64_t BW, int64_t Qlim, int64_t sample_out) {
+  float acc[kR][kPT] = {};
+  const int64_t n = std::min<int64_t>(BW, Qlim - q0);
+  for (int64_t k = 0; k < K; ++k, w += kR, xb += BW) fma_rows(acc, R, w, xb, n);
+  store_rows(acc, R, fo, bp, n, [&](int64_t f, int64_t l) {
+    const int64_t q = q0 + l;
+    return op + (q / plane_out) * sample_out + f * plane_out + q % plane_out;
+  });
 }
 
 void tile_generic(const float* const* rows, int64_t K, const float* w, const int64_t* tp, int64_t KK,
                   const int64_t* fo, int64_t R, const float* bp, float* op, int64_t plane_out,
                   int64_t q_begin, int64_t q_end, int64_t Qmax, int64_t qoff, int64_t Wp, int64_t Wo) {
-  float acc[kR][kPT];
   for (int64_t q0 = q_begin; q0 < q_end; q0 += kPT) {
     const int64_t n = std::min<int64_t>(kPT, q_end - q0);
-    for (int64_t r = 0; r < kR; ++r) for (int64_t l = 0; l < kPT; ++l) acc[r][l] = 0.f;
+    float acc[kR][kPT] = {};
     const float* wk = w;
-    for (int64_t k = 0; k < K; ++k) {
-      for (int64_t a = 0; a < KK; ++a, wk += kR) {
-        const float* xs = rows[k] + (q0 - qoff) + tp[a];
-        for (int64_t r = 0; r < R; ++r) {
-          const float wv = wk[r];
-          for (int64_t l = 0; l < n; ++l) acc[r][l] += wv * xs[l];
-        }
-      }
-    }
-    for (int64_t r = 0; r < R; ++r) {
-      const int64_t f = fo[r];
-      if (f < 0) continue;
-      const float b = bp ? bp[f] : 0.f;
-      for (int64_t l = 0; l < n; ++l) {
-        const int64_t q = q0 + l;
-        const int64_t ox = q % Wp;
-        if (ox < Wo) op[f * plane_out + (q / Wp) * Wo + ox] = acc[r][l] + b;
-      }
-    }
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t a = 0; a < KK; ++a, wk += kR) fma_rows(acc, R, wk, rows[k] + (q0 - qoff) + tp[a], n);
+    store_rows(acc, R, fo, bp, n, [&](int64_t f, int64_t l) -> float* {
+      const int64_t q = q0 + l, ox = q % Wp;  // row-wrap lanes (ox >= Wo) are not outputs
+      return ox < Wo ? op + f * plane_out + (q / Wp) * Wo + ox : nullptr;
+    });
   }
 }
 }  // namespace
