@@ -40,24 +40,35 @@ inline __mmask16 tail_mask(int64_t rem) {
   return rem >= 16 ? (__mmask16)0xFFFF : (rem <= 0 ? (__mmask16)0 : (__mmask16)((1u << rem) - 1u));
 }
 
-// Where the 16 lanes of the register vector starting at grid pixel 16*v go: ``bits`` marks the
-// lanes that are outputs (inside the plane, not a row-wrap column), ``first`` the output
-// index of the first of them; the marked lanes are consecutive outputs, so they are
-// compressed together and stored at ``first``. One table per call, shared by all filters.
+// Where the 16 lanes of register vector v (pixels 16*v ...) go, one table per call shared by
+// all filters. ``bits`` marks the lanes that are outputs (inside the plane, not a row-wrap
+// column) and ``first`` the output index of the first of them: the marked lanes are
+// consecutive outputs, so they are compressed together and stored at ``first``. A packed
+// 1x1 panel runs over several samples' planes back to back, so its vectors can hold a second
+// run, the next sample's first lanes: ``bits2``/``first2`` (null for a single plane). The
+// ``first`` values include the sample's offset in the output; lanes at or past ``Qlim`` (the
+// end of the pixels computed) are never stored.
 struct StoreMap {
   const uint32_t* bits;
   const int64_t* first;
+  const uint32_t* bits2;
+  const int64_t* first2;
 };
 
-inline void store_vec(float* orow, __m512 a, int64_t v, const StoreMap& sm) {
-  const uint32_t bits = sm.bits[v];
-  if (!bits) return;
-  if (bits == 0xFFFFu) {
-    _mm512_storeu_ps(orow + sm.first[v], a);
-    return;
+inline void store_run(float* o, __m512 a, uint32_t bits) {
+  if (bits == 0xFFFFu) _mm512_storeu_ps(o, a);
+  else if (bits) _mm512_mask_storeu_ps(o, tail_mask(__builtin_popcount(bits)), _mm512_maskz_compress_ps((__mmask16)bits, a));
+}
+
+inline void store_vec(float* orow, __m512 a, int64_t v, int64_t Qlim, const StoreMap& sm) {
+  uint32_t b1 = sm.bits[v], b2 = sm.bits2 ? sm.bits2[v] : 0u;
+  if (16 * v + 16 > Qlim) {
+    const uint32_t lim = tail_mask(Qlim - 16 * v);
+    b1 &= lim;
+    b2 &= lim;
   }
-  const __m512 c = _mm512_maskz_compress_ps((__mmask16)bits, a);
-  _mm512_mask_storeu_ps(orow + sm.first[v], tail_mask(__builtin_popcount(bits)), c);
+  store_run(orow + sm.first[v], a, b1);
+  if (b2) store_run(orow + sm.first2[v], a, b2);
 }
 
 #define SG_Z(r) __m512 a##r##0 = _mm512_setzero_ps(), a##r##1 = _mm512_setzero_ps(), a##r##2 = _mm512_setzero_ps();
@@ -66,9 +77,9 @@ inline void store_vec(float* orow, __m512 a, int64_t v, const StoreMap& sm) {
     if (NV > 2) a##r##2 = _mm512_fmadd_ps(wb, x2, a##r##2); }
 #define SG_S(r) if (R > r) { const int64_t f = fo[r]; if (f >= 0) { \
     const __m512 b = _mm512_set1_ps(bp ? bp[f] : 0.f); float* orow = op + f * plane_out; \
-    store_vec(orow, _mm512_add_ps(a##r##0, b), v0, sm); \
-    store_vec(orow, _mm512_add_ps(a##r##1, b), v0 + 1, sm); \
-    if (NV > 2) store_vec(orow, _mm512_add_ps(a##r##2, b), v0 + 2, sm); } }
+    store_vec(orow, _mm512_add_ps(a##r##0, b), v0, Qmax, sm); \
+    store_vec(orow, _mm512_add_ps(a##r##1, b), v0 + 1, Qmax, sm); \
+    if (NV > 2) store_vec(orow, _mm512_add_ps(a##r##2, b), v0 + 2, Qmax, sm); } }
 #define SG_STEP(xs) { \
     const __m512 x0 = _mm512_maskz_loadu_ps(m0, (xs)); \
     const __m512 x1 = _mm512_maskz_loadu_ps(m1, (xs) + 16); \
@@ -98,45 +109,12 @@ void tile_avx512(const float* const* rows, int64_t K, const float* wt, const int
   }
 }
 
-// Where the lanes of vector v of a packed 1x1 panel go. The panel's pixel axis runs over one or
-// more samples' planes back to back, so a vector holds at most two runs of consecutive outputs:
-// ``bits``/``first`` for the lanes of the sample it starts in, ``bits2``/``first2`` for the
-// rest (the next sample); ``first`` values include the sample's offset in the output.
-struct PackMap {
-  const uint32_t* bits;
-  const int64_t* first;
-  const uint32_t* bits2;
-  const int64_t* first2;
-};
-
-inline void store_packed(float* orow, __m512 a, int64_t v, int64_t Qlim, const PackMap& pm) {
-  uint32_t b1 = pm.bits[v], b2 = pm.bits2[v];
-  if (16 * v + 16 > Qlim) {  // past the samples of this panel
-    const uint32_t lim = tail_mask(Qlim - 16 * v);
-    b1 &= lim;
-    b2 &= lim;
-  }
-  if (b1 == 0xFFFFu) {
-    _mm512_storeu_ps(orow + pm.first[v], a);
-  } else if (b1) {  // the low lanes: no compress needed
-    _mm512_mask_storeu_ps(orow + pm.first[v], tail_mask(__builtin_popcount(b1)), a);
-  }
-  if (b2) _mm512_mask_storeu_ps(orow + pm.first2[v], tail_mask(__builtin_popcount(b2)),
-                                _mm512_maskz_compress_ps((__mmask16)b2, a));
-}
-
-#define SG_SP(r) if (R > r) { const int64_t f = fo[r]; if (f >= 0) { \
-    const __m512 b = _mm512_set1_ps(bp ? bp[f] : 0.f); float* orow = op + f * plane_out; \
-    store_packed(orow, _mm512_add_ps(a##r##0, b), v0, Qlim, pm); \
-    store_packed(orow, _mm512_add_ps(a##r##1, b), v0 + 1, Qlim, pm); \
-    if (NV > 2) store_packed(orow, _mm512_add_ps(a##r##2, b), v0 + 2, Qlim, pm); } }
-
 // One tile of R filters of a 1x1 layer over nb register blocks of 16*NV panel pixels, the
 // first at q0: each block's K input rows lie back to back (16*NV floats each, zero past the
 // end), the blocks one after another from xb.
 template <int R, int NV>
 void tile_packed_avx512(const float* xb, int64_t nb, int64_t K, const float* wt, const int64_t* fo, const float* bp,
-                        float* op, int64_t plane_out, int64_t q0, int64_t Qlim, const PackMap& pm,
+                        float* op, int64_t plane_out, int64_t q0, int64_t Qmax, const StoreMap& sm,
                         const float*& pf, const float* pf_end) {
  for (int64_t blk = 0; blk < nb; ++blk, q0 += 16 * NV) {
   const int64_t v0 = q0 / 16;
@@ -152,7 +130,7 @@ void tile_packed_avx512(const float* xb, int64_t nb, int64_t K, const float* wt,
     SG_F(0) SG_F(1) SG_F(2) SG_F(3)
     if (R > 4) { SG_F(4) SG_F(5) SG_F(6) SG_F(7) }
   }
-  SG_SP(0) SG_SP(1) SG_SP(2) SG_SP(3) SG_SP(4) SG_SP(5) SG_SP(6) SG_SP(7)
+  SG_S(0) SG_S(1) SG_S(2) SG_S(3) SG_S(4) SG_S(5) SG_S(6) SG_S(7)
  }
 }
 #endif
@@ -329,7 +307,7 @@ at::Tensor sg_gconv(const at::Tensor& x_in, const at::Tensor& wpack, const at::T
     }
     if (++col == Wr) col = 0;
   }
-  const StoreMap sm{vbits.data(), vfirst.data()};
+  const StoreMap sm{vbits.data(), vfirst.data(), nullptr, nullptr};
 #endif
   // one chunk [qb, qe) of tile t of sample n, its input rows given: grid pixel q of the tile's
   // row k is rows[k][q - qoff]
@@ -391,7 +369,7 @@ at::Tensor sg_gconv(const at::Tensor& x_in, const at::Tensor& wpack, const at::T
         pf2[v] = (smp + 1) * sample_out;
       }
     }
-    const PackMap pm{pb1.data(), pf1.data(), pb2.data(), pf2.data()};
+    const StoreMap pm{pb1.data(), pf1.data(), pb2.data(), pf2.data()};
 #endif
     at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
       std::vector<const float*> rows;
