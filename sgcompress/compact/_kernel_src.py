@@ -12,13 +12,14 @@ scatter copies the tensor (1x1 layers at large batch pack a chunk at a time, bel
 accumulated with AVX-512 FMAs; a plain C++ loop is used when the compiler has no AVX-512.
 
 Three schedules. With at least two samples per thread, each thread takes whole samples. A
-1x1 layer then packs, per pixel chunk, each group's input rows block by block (one register
-block of pixels at a time, its rows back to back), so that every tile of the group streams
-the panel in order; a plane under 512 pixels packs several samples side by side, so the
-blocks fill (a 7x7 plane alone would leave a quarter of the lanes idle), and the next
-samples' input is prefetched while the tiles run. Any other layer stages one sample at a
-time (the copy stays in the thread's cache) and runs every tile on it. With fewer samples
-the whole batch is staged at once and (sample, chunk, tile) items are shared out.
+1x1 layer then packs, per pixel chunk, the union of the input rows that its tiles read (a
+row kept by several groups is copied once) block by block (one register block of pixels at
+a time, its rows back to back), and every tile runs over the chunk's blocks, reading its own
+rows of each; a plane under 512 pixels packs several samples side by side, so the blocks
+fill (a 7x7 plane alone would leave a quarter of the lanes idle), and the next samples'
+input is prefetched while the tiles run. Any other layer stages one sample at a time (the
+copy stays in the thread's cache) and runs every tile on it. With fewer samples the whole
+batch is staged at once and (sample, chunk, tile) items are shared out.
 """
 
 KERNEL_SOURCE = r"""
@@ -109,29 +110,32 @@ void tile_avx512(const float* const* rows, int64_t K, const float* wt, const int
   }
 }
 
+
 // One tile of R filters of a 1x1 layer over nb register blocks of 16*NV panel pixels, the
-// first at q0: each block's K input rows lie back to back (16*NV floats each, zero past the
-// end), the blocks one after another from xb.
-template <int R, int NV>
-void tile_packed_avx512(const float* xb, int64_t nb, int64_t K, const float* wt, const int64_t* fo, const float* bp,
-                        float* op, int64_t plane_out, int64_t q0, int64_t Qmax, const StoreMap& sm,
-                        const float*& pf, const float* pf_end) {
- for (int64_t blk = 0; blk < nb; ++blk, q0 += 16 * NV) {
-  const int64_t v0 = q0 / 16;
-  SG_Z(0) SG_Z(1) SG_Z(2) SG_Z(3) SG_Z(4) SG_Z(5) SG_Z(6) SG_Z(7)
-  const float* w = wt;
-  for (int64_t k = 0; k < K; ++k, w += kR, xb += 16 * NV) {
-    if (pf < pf_end) {  // one line of the next samples' input per step, on its way to the cache
-      __builtin_prefetch(pf, 0, 1);
-      pf += 16;
+// first at q0. A block holds its rows back to back (16*NV floats each, zero past the end of
+// the pixels), the blocks bstride floats apart from xb; the tile's row k is at ko[k] in a block
+// (IDX), or is the block's row k (the panel holds just the tile's rows: ko is not read).
+template <int R, int NV, bool IDX>
+void tile_packed_avx512(const float* xb, int64_t nb, int64_t bstride, const int64_t* ko, int64_t K,
+                        const float* wt, const int64_t* fo, const float* bp, float* op, int64_t plane_out,
+                        int64_t q0, int64_t Qmax, const StoreMap& sm, const float*& pf, const float* pf_end) {
+  for (int64_t blk = 0; blk < nb; ++blk, q0 += 16 * NV, xb += bstride) {
+    const int64_t v0 = q0 / 16;
+    SG_Z(0) SG_Z(1) SG_Z(2) SG_Z(3) SG_Z(4) SG_Z(5) SG_Z(6) SG_Z(7)
+    const float* w = wt;
+    for (int64_t k = 0; k < K; ++k, w += kR) {
+      if (pf < pf_end) {  // one line of the next samples' input per step, on its way to the cache
+        __builtin_prefetch(pf, 0, 1);
+        pf += 16;
+      }
+      const float* x = xb + (IDX ? ko[k] : k * 16 * NV);
+      const __m512 x0 = _mm512_loadu_ps(x), x1 = _mm512_loadu_ps(x + 16);
+      const __m512 x2 = NV > 2 ? _mm512_loadu_ps(x + 32) : _mm512_setzero_ps();
+      SG_F(0) SG_F(1) SG_F(2) SG_F(3)
+      if (R > 4) { SG_F(4) SG_F(5) SG_F(6) SG_F(7) }
     }
-    const __m512 x0 = _mm512_loadu_ps(xb), x1 = _mm512_loadu_ps(xb + 16);
-    const __m512 x2 = NV > 2 ? _mm512_loadu_ps(xb + 32) : _mm512_setzero_ps();
-    SG_F(0) SG_F(1) SG_F(2) SG_F(3)
-    if (R > 4) { SG_F(4) SG_F(5) SG_F(6) SG_F(7) }
+    SG_S(0) SG_S(1) SG_S(2) SG_S(3) SG_S(4) SG_S(5) SG_S(6) SG_S(7)
   }
-  SG_S(0) SG_S(1) SG_S(2) SG_S(3) SG_S(4) SG_S(5) SG_S(6) SG_S(7)
- }
 }
 #endif
 
@@ -158,31 +162,19 @@ inline void store_rows(const float (&acc)[kR][kPT], int64_t R, const int64_t* fo
   }
 }
 
-// The packed 1x1 tile: output pixel q of the panel is pixel q % plane of its sample q / plane.
-void tile_packed_generic(const float* xb, int64_t K, const float* w, const int64_t* fo, int64_t R, const float* bp,
-                         float* op, int64_t plane_out, int64_t q0, int64_t BW, int64_t Qlim, int64_t sample_out) {
-  float acc[kR][kPT] = {};
-  const int64_t n = std::min<int64_t>(BW, Qlim - q0);
-  for (int64_t k = 0; k < K; ++k, w += kR, xb += BW) fma_rows(acc, R, w, xb, n);
-  store_rows(acc, R, fo, bp, n, [&](int64_t f, int64_t l) {
-    const int64_t q = q0 + l;
-    return op + (q / plane_out) * sample_out + f * plane_out + q % plane_out;
-  });
-}
-
+// R filters over pixels [q_begin, q_end) (grid pixel q of row k is rows[k][q - qoff]), kPT at a
+// time; the output of filter f at pixel q0 + l goes to dst(f, q0 + l) (null: not an output).
+template <typename Dst>
 void tile_generic(const float* const* rows, int64_t K, const float* w, const int64_t* tp, int64_t KK,
-                  const int64_t* fo, int64_t R, const float* bp, float* op, int64_t plane_out,
-                  int64_t q_begin, int64_t q_end, int64_t Qmax, int64_t qoff, int64_t Wp, int64_t Wo) {
+                  const int64_t* fo, int64_t R, const float* bp, int64_t q_begin, int64_t q_end, int64_t qoff,
+                  Dst dst) {
   for (int64_t q0 = q_begin; q0 < q_end; q0 += kPT) {
     const int64_t n = std::min<int64_t>(kPT, q_end - q0);
     float acc[kR][kPT] = {};
     const float* wk = w;
     for (int64_t k = 0; k < K; ++k)
       for (int64_t a = 0; a < KK; ++a, wk += kR) fma_rows(acc, R, wk, rows[k] + (q0 - qoff) + tp[a], n);
-    store_rows(acc, R, fo, bp, n, [&](int64_t f, int64_t l) -> float* {
-      const int64_t q = q0 + l, ox = q % Wp;  // row-wrap lanes (ox >= Wo) are not outputs
-      return ox < Wo ? op + f * plane_out + (q / Wp) * Wo + ox : nullptr;
-    });
+    store_rows(acc, R, fo, bp, n, [&](int64_t f, int64_t l) { return dst(f, q0 + l); });
   }
 }
 }  // namespace
@@ -194,7 +186,7 @@ std::vector<float>& staging_buffer() {
   return buf;
 }
 
-// Per thread too: one group's input rows of one pixel chunk, packed (1x1 layers).
+// Per thread too: the input rows of one pixel chunk, packed (1x1 layers).
 std::vector<float>& panel_buffer() {
   thread_local std::vector<float> buf;
   return buf;
@@ -309,48 +301,56 @@ at::Tensor sg_gconv(const at::Tensor& x_in, const at::Tensor& wpack, const at::T
   }
   const StoreMap sm{vbits.data(), vfirst.data(), nullptr, nullptr};
 #endif
-  // one chunk [qb, qe) of tile t of sample n, its input rows given: grid pixel q of the tile's
-  // row k is rows[k][q - qoff]
-  auto compute = [&](const float* const* rows, int64_t qoff, int64_t n, int64_t c, int64_t t) {
-    const int64_t K = tk[t + 1] - tk[t];
-    const int64_t qb = c * QC, qe = std::min(Qmax, qb + QC);
-    float* on = op + n * C_out * plane_out;
-#if defined(__AVX512F__)
-#define SG_CALL(R_, NV_) tile_avx512<R_, NV_>(rows, K, wp + tw[t], tp, KK, to + t * kR, bp, on, plane_out, \
-                                             qb, qe, Qmax, qoff, sm)
-    if (tr[t] > 4) { if (NV == 3) SG_CALL(8, 3); else SG_CALL(8, 2); }
-    else { if (NV == 3) SG_CALL(4, 3); else SG_CALL(4, 2); }
-#else
-    tile_generic(rows, K, wp + tw[t], tp, KK, to + t * kR, tr[t], bp, on, plane_out, qb, qe, Qmax, qoff, Wr, Wo);
-#endif
-  };
-  // the same, reading the sample's (staged) planes at xn in place
+  // chunk c of tile t of sample n, reading the sample's (staged) planes at xn in place
   auto run = [&](const float* xn, int64_t n, int64_t c, int64_t t, std::vector<const float*>& rows) {
     const int64_t k0 = tk[t], K = tk[t + 1] - tk[t];
     rows.resize(std::max<int64_t>(K, 1));
     for (int64_t k = 0; k < K; ++k) rows[k] = xn + ki[k0 + k] * plane;
-    compute(rows.data(), 0, n, c, t);
+    const int64_t qb = c * QC, qe = std::min(Qmax, qb + QC);
+    float* on = op + n * C_out * plane_out;
+#if defined(__AVX512F__)
+#define SG_CALL(R_, NV_) tile_avx512<R_, NV_>(rows.data(), K, wp + tw[t], tp, KK, to + t * kR, bp, on, plane_out, \
+                                             qb, qe, Qmax, 0, sm)
+    if (tr[t] > 4) { if (NV == 3) SG_CALL(8, 3); else SG_CALL(8, 2); }
+    else { if (NV == 3) SG_CALL(4, 3); else SG_CALL(4, 2); }
+#undef SG_CALL
+#else
+    tile_generic(rows.data(), K, wp + tw[t], tp, KK, to + t * kR, tr[t], bp, qb, qe, 0,
+                 [&](int64_t f, int64_t q) -> float* {
+                   const int64_t ox = q % Wr;  // row-wrap lanes (ox >= Wo) are not outputs
+                   return ox < Wo ? on + f * plane_out + (q / Wr) * Wo + ox : nullptr;
+                 });
+#endif
   };
-  // runs of consecutive tiles that read the same inputs (one group): [gs[j], gs[j + 1])
-  std::vector<int64_t> gs{0};
-  for (int64_t t = 1; t < T; ++t) {
-    const int64_t K = tk[t + 1] - tk[t];
-    if (K != tk[t] - tk[t - 1] || !std::equal(ki + tk[t], ki + tk[t] + K, ki + tk[t - 1])) gs.push_back(t);
-  }
-  gs.push_back(T);
   const size_t sample_floats = static_cast<size_t>(C * plane);
   const bool pack = KK == 1 && !stage;
   if (N >= 2 * at::get_num_threads() && pack) {
-    // 1x1, enough samples for every thread: each thread takes whole samples. For each group
-    // of two or more tiles and each pixel chunk it packs the group's input rows block by
-    // block (register block of BW pixels: the block's K rows back to back), and every tile of
-    // the group then streams the chunk's blocks in address order; a small plane packs FOLD
-    // samples side by side so the blocks fill.
+    // 1x1, enough samples for every thread: each thread takes whole samples. Per pixel chunk
+    // it packs the rows that any tile reads (their union, each row once: a row kept by
+    // several groups is not copied again) into a panel, block by block (a register block of
+    // BW pixels: the block's rows back to back), and every tile then runs over the chunk's
+    // blocks, reading its own rows of each; a small plane packs FOLD samples side by side so
+    // that the blocks fill.
+    std::vector<int64_t> uni, upos(C, -1);  // the union's channels, ascending; channel -> row
+    for (int64_t i = 0; i < tk[T]; ++i) upos[ki[i]] = 0;
+    for (int64_t c = 0; c < C; ++c)
+      if (upos[c] == 0) { upos[c] = static_cast<int64_t>(uni.size()); uni.push_back(c); }
+    const int64_t U = static_cast<int64_t>(uni.size());
     const int64_t FOLD = (plane >= 16 && plane < 512) ? std::max<int64_t>(1, 1024 / plane) : 1;
     const int64_t Lmax = FOLD * plane;
     const int64_t p48 = (Lmax + 47) / 48 * 48, p32 = (Lmax + 31) / 32 * 32;
     const int PNV = (p48 * 100 <= p32 * 105) ? 3 : 2;
-    const int64_t BW = 16 * PNV;
+    const int64_t BW = 16 * PNV, bstride = std::max<int64_t>(U, 1) * BW;
+    // tile t's row k: at ko[tk[t] + k] floats into a block; in_order[t]: ko[tk[t] + k] == k * BW
+    // (the tile reads the panel's first rows in order: nothing to look up)
+    std::vector<int64_t> ko(std::max<int64_t>(tk[T], 1));
+    for (int64_t i = 0; i < tk[T]; ++i) ko[i] = upos[ki[i]] * BW;
+    std::vector<char> in_order(T, 1);
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t k = 0; k < tk[t + 1] - tk[t]; ++k) in_order[t] &= ko[tk[t] + k] == k * BW;
+    // pixel chunk: the packed rows of a chunk stay within about 384 KiB (of a 1 MiB L2)
+    const int64_t QP = std::max<int64_t>(BW, std::min<int64_t>((Lmax + BW - 1) / BW * BW,
+                                                               98304 / std::max<int64_t>(U, 1) / BW * BW));
     const int64_t sample_out = C_out * plane_out;
 #if defined(__AVX512F__)
     const int64_t pvec = (Lmax + BW - 1) / BW * BW / 16;
@@ -372,7 +372,10 @@ at::Tensor sg_gconv(const at::Tensor& x_in, const at::Tensor& wpack, const at::T
     const StoreMap pm{pb1.data(), pf1.data(), pb2.data(), pf2.data()};
 #endif
     at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      float* pnl = staged(panel_buffer(), static_cast<size_t>(bstride * (QP / BW)));
+#if !defined(__AVX512F__)
       std::vector<const float*> rows;
+#endif
       for (int64_t n = begin; n < end; n += FOLD) {
         const int64_t ms = std::min(FOLD, end - n), L = ms * plane;
         // the next samples' input is fetched while these are computed (a stream the tiles pace)
@@ -380,60 +383,56 @@ at::Tensor sg_gconv(const at::Tensor& x_in, const at::Tensor& wpack, const at::T
         const float* pf_end = xp + std::min(end, n + ms + FOLD) * C * plane;
         float* on = op + n * sample_out;
         const float* xn = xp + n * C * plane;
-        for (size_t j = 0; j + 1 < gs.size(); ++j) {
-          const int64_t t0 = gs[j], t1 = gs[j + 1], K = tk[t0 + 1] - tk[t0];
-          if (t1 - t0 < 2) {  // a one-tile group would read its packed rows once: read them in place
-            for (int64_t s = 0; s < ms; ++s)
-              for (int64_t c = 0; c < nchunk; ++c) run(xn + s * C * plane, n + s, c, t0, rows);
-            continue;
-          }
-          // pixel chunk: the group's packed rows of a chunk stay within about 256 KiB
-          const int64_t QP = std::max<int64_t>(BW, std::min<int64_t>((L + BW - 1) / BW * BW,
-                                                                     65536 / std::max<int64_t>(K, 1) / BW * BW));
-          for (int64_t qb = 0; qb < L; qb += QP) {
-            const int64_t qe = std::min(L, qb + QP), nb = (qe - qb + BW - 1) / BW;
-            float* pnl = staged(panel_buffer(), static_cast<size_t>(std::max<int64_t>(K, 1) * nb * BW));
-            const int64_t smp0 = qb / plane, px0 = qb % plane;
-            for (int64_t k = 0; k < K; ++k) {  // row k of every block: runs of one sample's plane
-              const float* src = xn + ki[tk[t0] + k] * plane;
-              if (k + 8 < K) {  // the source runs of row k + 8 (each a new stream) on their way
-                const float* ps = xn + ki[tk[t0] + k + 8] * plane;
-                for (int64_t q = qb, smp = smp0, px = px0; q < qe;) {
-                  const int64_t run = std::min(plane - px, qe - q);
-                  const float* a = ps + smp * C * plane + px;
-                  for (int64_t i = 0; i < run; i += 16) __builtin_prefetch(a + i, 0, 3);
-                  __builtin_prefetch(a + run - 1, 0, 3);
-                  q += run;
-                  px = 0;
-                  ++smp;
-                }
-              }
-              float* dst = pnl + k * BW;
-              for (int64_t q = qb, l = 0, smp = smp0, px = px0; q < qe;) {
-                const int64_t run = std::min({BW - l, plane - px, qe - q});
-                copy_run(src + smp * C * plane + px, run, dst + l);
+        for (int64_t qb = 0; qb < L; qb += QP) {
+          const int64_t qe = std::min(L, qb + QP), nb = (qe - qb + BW - 1) / BW;
+          const int64_t smp0 = qb / plane, px0 = qb % plane;
+          for (int64_t u = 0; u < U; ++u) {  // row u of every block: runs of one sample's plane
+            if (u + 8 < U) {  // the source runs of row u + 8 (each a new stream) on their way
+              const float* ps = xn + uni[u + 8] * plane;
+              for (int64_t q = qb, smp = smp0, px = px0; q < qe;) {
+                const int64_t run = std::min(plane - px, qe - q);
+                const float* a = ps + smp * C * plane + px;
+                for (int64_t i = 0; i < run; i += 16) __builtin_prefetch(a + i, 0, 3);
+                __builtin_prefetch(a + run - 1, 0, 3);
                 q += run;
-                l += run;
-                px += run;
-                if (l == BW) { l = 0; dst += K * BW; }
-                if (px == plane) { px = 0; ++smp; }
+                px = 0;
+                ++smp;
               }
-              const int64_t tail = nb * BW - (qe - qb);  // zero the last block's lanes past the end
-              if (tail) std::fill(pnl + ((nb - 1) * K + k) * BW + BW - tail, pnl + ((nb - 1) * K + k) * BW + BW, 0.f);
             }
-            for (int64_t t = t0; t < t1; ++t) {  // each tile streams the chunk's blocks in order
+            const float* src = xn + uni[u] * plane;
+            float* dst = pnl + u * BW;
+            for (int64_t q = qb, l = 0, smp = smp0, px = px0; q < qe;) {
+              const int64_t run = std::min({BW - l, plane - px, qe - q});
+              copy_run(src + smp * C * plane + px, run, dst + l);
+              q += run;
+              l += run;
+              px += run;
+              if (l == BW) { l = 0; dst += bstride; }
+              if (px == plane) { px = 0; ++smp; }
+            }
+            const int64_t tail = nb * BW - (qe - qb);  // zero the last block's lanes past the end
+            if (tail) std::fill(pnl + (nb - 1) * bstride + u * BW + BW - tail, pnl + (nb - 1) * bstride + (u + 1) * BW, 0.f);
+          }
+          for (int64_t t = 0; t < T; ++t) {  // every tile over the chunk's blocks, its rows of each
+            const int64_t K = tk[t + 1] - tk[t];
+            const int64_t* kot = ko.data() + tk[t];
 #if defined(__AVX512F__)
-#define SG_PCALL(R_, NV_) tile_packed_avx512<R_, NV_>(pnl, nb, K, wp + tw[t], to + t * kR, bp, on, plane_out, qb, L, \
-                                                     pm, pf, pf_end)
-              if (tr[t] > 4) { if (PNV == 3) SG_PCALL(8, 3); else SG_PCALL(8, 2); }
-              else { if (PNV == 3) SG_PCALL(4, 3); else SG_PCALL(4, 2); }
+#define SG_PCALL(R_, NV_, I_) tile_packed_avx512<R_, NV_, I_>(pnl, nb, bstride, kot, K, wp + tw[t], to + t * kR, bp, \
+                                                           on, plane_out, qb, L, pm, pf, pf_end)
+#define SG_PCALLS(I_) if (tr[t] > 4) { if (PNV == 3) SG_PCALL(8, 3, I_); else SG_PCALL(8, 2, I_); } \
+                    else { if (PNV == 3) SG_PCALL(4, 3, I_); else SG_PCALL(4, 2, I_); }
+            if (in_order[t]) { SG_PCALLS(false) } else { SG_PCALLS(true) }
+#undef SG_PCALLS
 #undef SG_PCALL
 #else
-              for (int64_t b = 0; b < nb; ++b)
-                tile_packed_generic(pnl + b * K * BW, K, wp + tw[t], to + t * kR, tr[t], bp, on, plane_out, qb + b * BW,
-                                    BW, L, sample_out);
-#endif
+            rows.resize(std::max<int64_t>(K, 1));
+            for (int64_t b = 0; b < nb; ++b) {
+              const int64_t q0 = qb + b * BW;
+              for (int64_t k = 0; k < K; ++k) rows[k] = pnl + b * bstride + kot[k];
+              tile_generic(rows.data(), K, wp + tw[t], tp, 1, to + t * kR, tr[t], bp, q0, std::min(qe, q0 + BW), q0,
+                           [&](int64_t f, int64_t q) { return on + (q / plane) * sample_out + f * plane_out + q % plane; });
             }
+#endif
           }
         }
       }
