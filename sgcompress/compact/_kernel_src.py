@@ -110,11 +110,10 @@ void tile_avx512(const float* const* rows, int64_t K, const float* wt, const int
   }
 }
 
-
 // One tile of R filters of a 1x1 layer over nb register blocks of 16*NV panel pixels, the
 // first at q0. A block holds its rows back to back (16*NV floats each, zero past the end of
 // the pixels), the blocks bstride floats apart from xb; the tile's row k is at ko[k] in a block
-// (IDX), or is the block's row k (the panel holds just the tile's rows: ko is not read).
+// (IDX), or is the block's row k (a tile reading the panel's first rows in order: ko not read).
 template <int R, int NV, bool IDX>
 void tile_packed_avx512(const float* xb, int64_t nb, int64_t bstride, const int64_t* ko, int64_t K,
                         const float* wt, const int64_t* fo, const float* bp, float* op, int64_t plane_out,
