@@ -112,9 +112,8 @@ void tile_avx512(const float* const* rows, int64_t K, const float* wt, const int
 
 // One tile of R filters of a 1x1 layer over nb register blocks of 16*NV panel pixels, the
 // first at q0. A block holds its rows back to back (16*NV floats each, zero past the end of
-// the pixels), the blocks bstride floats apart from xb; the tile's row k is at ko[k] in a block
-// (IDX), or is the block's row k (a tile reading the panel's first rows in order: ko not read).
-template <int R, int NV, bool IDX>
+// the pixels), the blocks bstride floats apart from xb; the tile's row k is at ko[k] in a block.
+template <int R, int NV>
 void tile_packed_avx512(const float* xb, int64_t nb, int64_t bstride, const int64_t* ko, int64_t K,
                         const float* wt, const int64_t* fo, const float* bp, float* op, int64_t plane_out,
                         int64_t q0, int64_t Qmax, const StoreMap& sm, const float*& pf, const float* pf_end) {
@@ -127,7 +126,7 @@ void tile_packed_avx512(const float* xb, int64_t nb, int64_t bstride, const int6
         __builtin_prefetch(pf, 0, 1);
         pf += 16;
       }
-      const float* x = xb + (IDX ? ko[k] : k * 16 * NV);
+      const float* x = xb + ko[k];
       const __m512 x0 = _mm512_loadu_ps(x), x1 = _mm512_loadu_ps(x + 16);
       const __m512 x2 = NV > 2 ? _mm512_loadu_ps(x + 32) : _mm512_setzero_ps();
       SG_F(0) SG_F(1) SG_F(2) SG_F(3)
@@ -340,13 +339,9 @@ at::Tensor sg_gconv(const at::Tensor& x_in, const at::Tensor& wpack, const at::T
     const int64_t p48 = (Lmax + 47) / 48 * 48, p32 = (Lmax + 31) / 32 * 32;
     const int PNV = (p48 * 100 <= p32 * 105) ? 3 : 2;
     const int64_t BW = 16 * PNV, bstride = std::max<int64_t>(U, 1) * BW;
-    // tile t's row k: at ko[tk[t] + k] floats into a block; in_order[t]: ko[tk[t] + k] == k * BW
-    // (the tile reads the panel's first rows in order: nothing to look up)
+    // tile t's row k: at ko[tk[t] + k] floats into a block
     std::vector<int64_t> ko(std::max<int64_t>(tk[T], 1));
     for (int64_t i = 0; i < tk[T]; ++i) ko[i] = upos[ki[i]] * BW;
-    std::vector<char> in_order(T, 1);
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t k = 0; k < tk[t + 1] - tk[t]; ++k) in_order[t] &= ko[tk[t] + k] == k * BW;
     // pixel chunk: the packed rows of a chunk stay within about 384 KiB (of a 1 MiB L2)
     const int64_t QP = std::max<int64_t>(BW, std::min<int64_t>((Lmax + BW - 1) / BW * BW,
                                                                98304 / std::max<int64_t>(U, 1) / BW * BW));
@@ -416,12 +411,10 @@ at::Tensor sg_gconv(const at::Tensor& x_in, const at::Tensor& wpack, const at::T
             const int64_t K = tk[t + 1] - tk[t];
             const int64_t* kot = ko.data() + tk[t];
 #if defined(__AVX512F__)
-#define SG_PCALL(R_, NV_, I_) tile_packed_avx512<R_, NV_, I_>(pnl, nb, bstride, kot, K, wp + tw[t], to + t * kR, bp, \
-                                                           on, plane_out, qb, L, pm, pf, pf_end)
-#define SG_PCALLS(I_) if (tr[t] > 4) { if (PNV == 3) SG_PCALL(8, 3, I_); else SG_PCALL(8, 2, I_); } \
-                    else { if (PNV == 3) SG_PCALL(4, 3, I_); else SG_PCALL(4, 2, I_); }
-            if (in_order[t]) { SG_PCALLS(false) } else { SG_PCALLS(true) }
-#undef SG_PCALLS
+#define SG_PCALL(R_, NV_) tile_packed_avx512<R_, NV_>(pnl, nb, bstride, kot, K, wp + tw[t], to + t * kR, bp, on, \
+                                                     plane_out, qb, L, pm, pf, pf_end)
+            if (tr[t] > 4) { if (PNV == 3) SG_PCALL(8, 3); else SG_PCALL(8, 2); }
+            else { if (PNV == 3) SG_PCALL(4, 3); else SG_PCALL(4, 2); }
 #undef SG_PCALL
 #else
             rows.resize(std::max<int64_t>(K, 1));
