@@ -234,6 +234,40 @@ inline void copy_run(const float* src, int64_t n, float* dst) {
 #endif
 }
 
+// Pack pixels [qb, qe) of a 1x1 panel into register blocks of BW pixels, bstride floats apart:
+// row u of every block is input channel rows[u]. The panel is several samples' planes back to
+// back (sample s at xn + s * sample_stride); lanes past qe in the last block are zeroed.
+void pack_chunk(const float* xn, int64_t sample_stride, int64_t plane, const int64_t* rows, int64_t U,
+                int64_t qb, int64_t qe, int64_t BW, int64_t bstride, float* pnl) {
+  const int64_t nb = (qe - qb + BW - 1) / BW, tail = nb * BW - (qe - qb);
+  const int64_t smp0 = qb / plane, px0 = qb % plane;
+  for (int64_t u = 0; u < U; ++u) {
+    if (u + 8 < U) {  // the runs of row u + 8 (each a new stream) on their way to the cache
+      const float* ps = xn + rows[u + 8] * plane;
+      for (int64_t q = qb, smp = smp0, px = px0; q < qe; px = 0, ++smp) {
+        const int64_t n = std::min(plane - px, qe - q);
+        const float* a = ps + smp * sample_stride + px;
+        for (int64_t i = 0; i < n; i += 16) __builtin_prefetch(a + i, 0, 3);
+        __builtin_prefetch(a + n - 1, 0, 3);
+        q += n;
+      }
+    }
+    // runs that end at a block's edge or a plane's end, whichever comes first
+    const float* src = xn + rows[u] * plane;
+    float* dst = pnl + u * BW;
+    for (int64_t q = qb, l = 0, smp = smp0, px = px0; q < qe;) {
+      const int64_t n = std::min({BW - l, plane - px, qe - q});
+      copy_run(src + smp * sample_stride + px, n, dst + l);
+      q += n;
+      l += n;
+      px += n;
+      if (l == BW) { l = 0; dst += bstride; }
+      if (px == plane) { px = 0; ++smp; }
+    }
+    if (tail) std::fill(pnl + (nb - 1) * bstride + u * BW + BW - tail, pnl + (nb - 1) * bstride + (u + 1) * BW, 0.f);
+  }
+}
+
 float* staged(std::vector<float>& buf, size_t need) {
   if (buf.size() < need) { std::vector<float>().swap(buf); buf.resize(need); }
   return buf.data();
@@ -379,34 +413,7 @@ at::Tensor sg_gconv(const at::Tensor& x_in, const at::Tensor& wpack, const at::T
         const float* xn = xp + n * C * plane;
         for (int64_t qb = 0; qb < L; qb += QP) {
           const int64_t qe = std::min(L, qb + QP), nb = (qe - qb + BW - 1) / BW;
-          const int64_t smp0 = qb / plane, px0 = qb % plane;
-          for (int64_t u = 0; u < U; ++u) {  // row u of every block: runs of one sample's plane
-            if (u + 8 < U) {  // the source runs of row u + 8 (each a new stream) on their way
-              const float* ps = xn + uni[u + 8] * plane;
-              for (int64_t q = qb, smp = smp0, px = px0; q < qe;) {
-                const int64_t run = std::min(plane - px, qe - q);
-                const float* a = ps + smp * C * plane + px;
-                for (int64_t i = 0; i < run; i += 16) __builtin_prefetch(a + i, 0, 3);
-                __builtin_prefetch(a + run - 1, 0, 3);
-                q += run;
-                px = 0;
-                ++smp;
-              }
-            }
-            const float* src = xn + uni[u] * plane;
-            float* dst = pnl + u * BW;
-            for (int64_t q = qb, l = 0, smp = smp0, px = px0; q < qe;) {
-              const int64_t run = std::min({BW - l, plane - px, qe - q});
-              copy_run(src + smp * C * plane + px, run, dst + l);
-              q += run;
-              l += run;
-              px += run;
-              if (l == BW) { l = 0; dst += bstride; }
-              if (px == plane) { px = 0; ++smp; }
-            }
-            const int64_t tail = nb * BW - (qe - qb);  // zero the last block's lanes past the end
-            if (tail) std::fill(pnl + (nb - 1) * bstride + u * BW + BW - tail, pnl + (nb - 1) * bstride + (u + 1) * BW, 0.f);
-          }
+          pack_chunk(xn, C * plane, plane, uni.data(), U, qb, qe, BW, bstride, pnl);
           for (int64_t t = 0; t < T; ++t) {  // every tile over the chunk's blocks, its rows of each
             const int64_t K = tk[t + 1] - tk[t];
             const int64_t* kot = ko.data() + tk[t];
