@@ -282,12 +282,14 @@ def test_kernel_tile_widths_chunks_and_half_tiles(k, stride, pad, dil, size):
     # planes chosen to use both register-tile widths (32/48 pixels), several chunks,
     # row-wrap lanes (padding), clusters of 13 filters (8-wide + 4-wide tiles), and strides
     # whose polyphase planes are uneven (odd sizes) or have a zero-filled last row
-    # Both schedules: batch 1 (tiles shared out, whole batch staged) and batch 5 with 1 or 2
-    # threads (whole samples per thread, staged one by one; 1x1 groups packed per chunk).
+    # Both schedules: batch 1 and 2 (whole batch staged, (sample, chunk, tile) items cut into
+    # per-thread shares, with 3 or 7 threads shares of unequal length and more threads than
+    # some layers have items) and batch 5 with 1 or 2 threads (whole samples per thread,
+    # staged one by one; 1x1 groups packed per chunk).
     conv, lp = masked_conv(10, 26, k, stride, pad, dil, True, 2, 0.5, 7)
     threads = torch.get_num_threads()
     try:
-        for n, nthreads in ((1, 2), (5, 1), (5, 2)):
+        for n, nthreads in ((1, 2), (1, 3), (2, 7), (5, 1), (5, 2)):
             torch.set_num_threads(nthreads)
             x = torch.randn(n, 10, size, size)
             with torch.no_grad():

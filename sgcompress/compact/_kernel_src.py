@@ -19,14 +19,18 @@ rows of each; a plane under 512 pixels packs several samples side by side, so th
 fill (a 7x7 plane alone would leave a quarter of the lanes idle), and the next samples'
 input is prefetched while the tiles run. Any other layer stages one sample at a time (the
 copy stays in the thread's cache) and runs every tile on it. With fewer samples the whole
-batch is staged at once and (sample, chunk, tile) items are shared out.
+batch is staged at once and the (sample, chunk, tile) items are cut into one contiguous
+share per thread; a thread that finishes its share takes the others' leftover items one at a
+time (tiles differ in cost, and a thread may start late).
 """
 
 KERNEL_SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <memory>
 #include <vector>
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -268,6 +272,12 @@ void pack_chunk(const float* xn, int64_t sample_stride, int64_t plane, const int
   }
 }
 
+// one thread's share of the items of a parallel loop: the next unclaimed item and the end
+struct alignas(64) Share {
+  std::atomic<int64_t> next{0};
+  int64_t end = 0;
+};
+
 float* staged(std::vector<float>& buf, size_t need) {
   if (buf.size() < need) { std::vector<float>().swap(buf); buf.resize(need); }
   return buf.data();
@@ -465,12 +475,26 @@ at::Tensor sg_gconv(const at::Tensor& x_in, const at::Tensor& wpack, const at::T
     });
     xp = dst;
   }
-  at::parallel_for(0, N * nchunk * T, 1, [&](int64_t begin, int64_t end) {
+  // Each thread has a contiguous share of the (sample, chunk, tile) items; one that finishes
+  // its share (it woke late, or drew heavier tiles) goes on to take the others' remaining
+  // items one at a time, so no thread waits idle while items are left.
+  const int64_t items = N * nchunk * T;
+  const int64_t P = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items));
+  std::unique_ptr<Share[]> share(new Share[P]);
+  for (int64_t p = 0; p < P; ++p) {
+    share[p].next.store(p * items / P, std::memory_order_relaxed);
+    share[p].end = (p + 1) * items / P;
+  }
+  at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
     std::vector<const float*> rows;
-    for (int64_t it = begin; it < end; ++it) {
-      const int64_t t = it % T, c = (it / T) % nchunk, n = it / (T * nchunk);
-      run(xp + n * sample_floats, n, c, t, rows);
-    }
+    for (int64_t p = begin; p < end; ++p)
+      for (int64_t v = 0; v < P; ++v) {  // own share first, then the next threads' leftovers
+        Share& s = share[(p + v) % P];
+        for (int64_t it; (it = s.next.fetch_add(1, std::memory_order_relaxed)) < s.end;) {
+          const int64_t t = it % T, c = (it / T) % nchunk, n = it / (T * nchunk);
+          run(xp + n * sample_floats, n, c, t, rows);
+        }
+      }
   });
   return out;
 }
