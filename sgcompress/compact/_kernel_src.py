@@ -92,7 +92,18 @@ inline void store_vec(float* orow, __m512 a, int64_t v, int64_t Qlim, const Stor
     SG_F(0) SG_F(1) SG_F(2) SG_F(3) \
     if (R > 4) { SG_F(4) SG_F(5) SG_F(6) SG_F(7) } }
 
+// the NV cache lines of one register tile's pixels of one row, on their way to the cache
+template <int NV>
+inline void prefetch_block(const float* p) {
+  __builtin_prefetch(p, 0, 3);
+  __builtin_prefetch(p + 16, 0, 3);
+  if (NV > 2) __builtin_prefetch(p + 32, 0, 3);
+}
+
 // One tile of R (8 or 4) filters over pixels [q_begin, q_end), 16*NV pixels per register tile.
+// Each multiply step prefetches its row's lines two register tiles ahead (at the leading tap):
+// the gathered rows lie at uneven strides that no hardware prefetcher follows, and when the
+// two threads run on different dies half of each layer's input is in the other die's cache.
 template <int R, int NV>
 void tile_avx512(const float* const* rows, int64_t K, const float* wt, const int64_t* tp, int64_t KK,
                  const int64_t* fo, const float* bp, float* op, int64_t plane_out,
@@ -102,11 +113,17 @@ void tile_avx512(const float* const* rows, int64_t K, const float* wt, const int
     const __mmask16 m0 = tail_mask(Qmax - q0), m1 = tail_mask(Qmax - q0 - 16), m2 = tail_mask(Qmax - q0 - 32);
     SG_Z(0) SG_Z(1) SG_Z(2) SG_Z(3) SG_Z(4) SG_Z(5) SG_Z(6) SG_Z(7)
     const float* w = wt;
+    const int64_t pfo = 32 * NV + tp[KK - 1] - qoff;
+    const bool pfy = q0 + 32 * NV < q_end;
     if (KK == 1) {
-      for (int64_t k = 0; k < K; ++k, w += kR) SG_STEP(rows[k] + (q0 - qoff))
+      for (int64_t k = 0; k < K; ++k, w += kR) {
+        if (pfy) prefetch_block<NV>(rows[k] + q0 + pfo);
+        SG_STEP(rows[k] + (q0 - qoff))
+      }
     } else {
       for (int64_t k = 0; k < K; ++k) {
         const float* xr = rows[k] + (q0 - qoff);
+        if (pfy) prefetch_block<NV>(rows[k] + q0 + pfo);
         for (int64_t a = 0; a < KK; ++a, w += kR) SG_STEP(xr + tp[a])
       }
     }
