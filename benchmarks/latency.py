@@ -31,7 +31,9 @@ import torch
 import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _cores import core_to_core_ns  # noqa: E402
 from sgcompress.artifact import make_manifest, save_artifact  # noqa: E402
 from sgcompress.config import PruneConfig  # noqa: E402
 from sgcompress.export import export_compact  # noqa: E402
@@ -120,8 +122,12 @@ def run(arch: str, ratio: float, groups: int, batches, threads: int, work: Path,
         models = {"dense": base, "masked": masked, "compact": exp.model}
         if tp_model is not None:
             models["torch_pruning"] = tp_model
+        c2c = [core_to_core_ns()]
         t = time_models(models, b, threads)
+        c2c.append(core_to_core_ns())
         row["batches"][str(b)] = {"ms": t, "speedup": {k: t["dense"] / v for k, v in t.items()},
+                                  # ~95 ns: both threads on one die; ~420 ns: on two (see _cores.py)
+                                  "core_to_core_ns": c2c,
                                   "strategies": strategies,
                                   "max_rel_diff": exp.report["equivalence"]["max_rel_diff"]}
     return row
@@ -158,7 +164,8 @@ def main() -> None:
                         print(f"{arch} ratio {ratio} g{g}{' BN folded' if args.fold_bn else ''} batch {b}: dense {r['ms']['dense']:.1f} ms | "
                               f"masked {s['masked']:.2f}x | compact {s['compact']:.2f}x | "
                               f"torch-pruning {s.get('torch_pruning', float('nan')):.2f}x | "
-                              f"MACs allow {row['macs']['dense'] / row['macs']['effective']:.2f}x | {r['strategies']}",
+                              f"MACs allow {row['macs']['dense'] / row['macs']['effective']:.2f}x | {r['strategies']} | "
+                              f"core-to-core {'/'.join(f'{v:.0f}' if v is not None else '?' for v in r['core_to_core_ns'])} ns",
                               flush=True)
 
 
