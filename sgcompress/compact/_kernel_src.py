@@ -4,9 +4,12 @@ One op, ``sgcompress::gconv``: a convolution whose filters come in *tiles* of up
 filters that share one list of input channels. The input is NCHW; the output plane is computed
 over the flattened zero-padded grid so every kernel tap is a constant offset, and row-wrap
 lanes are dropped at the store (through a per-call table of which lanes are outputs). A
-padded or strided layer first stages each input plane, zero-padded, as its stride_h x
-stride_w polyphase planes (into a buffer that the calling thread keeps and reuses), on which
-the same holds. Input channels are read through an index list (row indirection) and outputs
+stride-1 layer whose output is the size of its input ("same" padding, e.g. 3x3 with padding
+1) reads its input in place on the input's own grid: the lanes whose tap falls in the
+padding are loaded as zero through a mask per register vector and tap (AVX-512 builds; the
+table is built once per geometry and thread). Any other padded or strided layer first stages
+each input plane, zero-padded, as its stride_h x stride_w polyphase planes (into a buffer
+that the calling thread keeps and reuses), on which the same holds. Input channels are read through an index list (row indirection) and outputs
 are written to their original channel (row indirection), so neither the gather nor the
 scatter copies the tensor (1x1 layers at large batch pack a chunk at a time, below). The register tile is 8 (or 4) filters x 32 or 48 pixels,
 accumulated with AVX-512 FMAs; a plain C++ loop is used when the compiler has no AVX-512.
@@ -28,8 +31,10 @@ KERNEL_SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <vector>
 #if defined(__AVX512F__)
@@ -85,12 +90,13 @@ inline void store_vec(float* orow, __m512 a, int64_t v, int64_t Qlim, const Stor
     store_vec(orow, _mm512_add_ps(a##r##0, b), v0, Qmax, sm); \
     store_vec(orow, _mm512_add_ps(a##r##1, b), v0 + 1, Qmax, sm); \
     if (NV > 2) store_vec(orow, _mm512_add_ps(a##r##2, b), v0 + 2, Qmax, sm); } }
-#define SG_STEP(xs) { \
-    const __m512 x0 = _mm512_maskz_loadu_ps(m0, (xs)); \
-    const __m512 x1 = _mm512_maskz_loadu_ps(m1, (xs) + 16); \
-    const __m512 x2 = NV > 2 ? _mm512_maskz_loadu_ps(m2, (xs) + 32) : _mm512_setzero_ps(); \
+#define SG_STEP_M(xs, k0, k1, k2) { \
+    const __m512 x0 = _mm512_maskz_loadu_ps(k0, (xs)); \
+    const __m512 x1 = _mm512_maskz_loadu_ps(k1, (xs) + 16); \
+    const __m512 x2 = NV > 2 ? _mm512_maskz_loadu_ps(k2, (xs) + 32) : _mm512_setzero_ps(); \
     SG_F(0) SG_F(1) SG_F(2) SG_F(3) \
     if (R > 4) { SG_F(4) SG_F(5) SG_F(6) SG_F(7) } }
+#define SG_STEP(xs) SG_STEP_M(xs, m0, m1, m2)
 
 // the NV cache lines of one register tile's pixels of one row, on their way to the cache
 template <int NV>
@@ -101,13 +107,16 @@ inline void prefetch_block(const float* p) {
 }
 
 // One tile of R (8 or 4) filters over pixels [q_begin, q_end), 16*NV pixels per register tile.
+// MT: the rows are unpadded planes read in place, and tm holds, per register tile, tap and
+// vector, the lanes whose tap lies inside the plane (the others load zero: the padding).
 // Each multiply step prefetches its row's lines two register tiles ahead (at the leading tap):
 // the gathered rows lie at uneven strides that no hardware prefetcher follows, and when the
 // two threads run on different dies half of each layer's input is in the other die's cache.
-template <int R, int NV>
+template <int R, int NV, bool MT>
 void tile_avx512(const float* const* rows, int64_t K, const float* wt, const int64_t* tp, int64_t KK,
                  const int64_t* fo, const float* bp, float* op, int64_t plane_out,
-                 int64_t q_begin, int64_t q_end, int64_t Qmax, int64_t qoff, const StoreMap& sm) {
+                 int64_t q_begin, int64_t q_end, int64_t Qmax, int64_t qoff, const StoreMap& sm,
+                 const __mmask16* tm) {
   for (int64_t q0 = q_begin; q0 < q_end; q0 += 16 * NV) {
     const int64_t v0 = q0 / 16;
     const __mmask16 m0 = tail_mask(Qmax - q0), m1 = tail_mask(Qmax - q0 - 16), m2 = tail_mask(Qmax - q0 - 32);
@@ -124,7 +133,12 @@ void tile_avx512(const float* const* rows, int64_t K, const float* wt, const int
       for (int64_t k = 0; k < K; ++k) {
         const float* xr = rows[k] + (q0 - qoff);
         if (pfy) prefetch_block<NV>(rows[k] + q0 + pfo);
-        for (int64_t a = 0; a < KK; ++a, w += kR) SG_STEP(xr + tp[a])
+        if (MT) {
+          const __mmask16* mb = tm + (v0 / NV) * KK * NV;
+          for (int64_t a = 0; a < KK; ++a, w += kR, mb += NV) SG_STEP_M(xr + tp[a], mb[0], mb[1], NV > 2 ? mb[2] : 0)
+        } else {
+          for (int64_t a = 0; a < KK; ++a, w += kR) SG_STEP(xr + tp[a])
+        }
       }
     }
     SG_S(0) SG_S(1) SG_S(2) SG_S(3) SG_S(4) SG_S(5) SG_S(6) SG_S(7)
@@ -289,6 +303,35 @@ void pack_chunk(const float* xn, int64_t sample_stride, int64_t plane, const int
   }
 }
 
+#if defined(__AVX512F__)
+// Per register tile of 16*NV pixels of an H x W output plane that is the input's grid (stride
+// 1, "same" padding), per tap and per vector: the lanes whose tap falls inside the input
+// plane. Built once per geometry by each calling thread and kept.
+const __mmask16* tap_masks(int64_t H, int64_t W, int64_t kh, int64_t kw, int64_t dh, int64_t dw, int64_t ph,
+                           int64_t pw, int NV) {
+  thread_local std::map<std::array<int64_t, 9>, std::vector<__mmask16>> cache;
+  const std::array<int64_t, 9> key{H, W, kh, kw, dh, dw, ph, pw, NV};
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second.data();
+  if (cache.size() >= 64) cache.clear();  // many input sizes: start again rather than grow
+  const int64_t KK = kh * kw, Q = H * W, nblk = (Q + 16 * NV - 1) / (16 * NV);
+  std::vector<__mmask16> m(static_cast<size_t>(nblk * KK * NV), 0);
+  for (int64_t q = 0, oy = 0, ox = 0; q < Q; ++q) {
+    const int64_t v = q / 16, b = v / NV, j = v % NV;
+    for (int64_t i = 0; i < kh; ++i) {
+      const int64_t y = oy + i * dh - ph;
+      if (y < 0 || y >= H) continue;
+      for (int64_t c = 0; c < kw; ++c) {
+        const int64_t xx = ox + c * dw - pw;
+        if (xx >= 0 && xx < W) m[(b * KK + i * kw + c) * NV + j] |= static_cast<__mmask16>(1u << (q % 16));
+      }
+    }
+    if (++ox == W) { ox = 0; ++oy; }
+  }
+  return cache.emplace(key, std::move(m)).first->second.data();
+}
+#endif
+
 // one thread's share of the items of a parallel loop: the next unclaimed item and the end
 struct alignas(64) Share {
   std::atomic<int64_t> next{0};
@@ -314,17 +357,26 @@ at::Tensor sg_gconv(const at::Tensor& x_in, const at::Tensor& wpack, const at::T
   const int64_t Hp = H + 2 * ph, Wp = W + 2 * pw;
   TORCH_CHECK(Hp > dh * (kh - 1) && Wp > dw * (kw - 1), "sgcompress::gconv: input smaller than the kernel");
   const int64_t Ho = (Hp - dh * (kh - 1) - 1) / sh + 1, Wo = (Wp - dw * (kw - 1) - 1) / sw + 1;
-  // Padding and stride: stage each zero-padded plane as its sh*sw polyphase planes (one copy
-  // into a buffer that the thread keeps), so that every tap is a constant offset on a grid of
-  // row width Wr whose pixels are outputs. Neither: read x in place.
-  const int64_t Hq = (Hp + sh - 1) / sh, Wr = (Wp + sw - 1) / sw;
+  // Stride 1 and an output the size of the input ("same" padding), AVX-512: read x in place,
+  // every tap a constant offset on the input's own grid, and load the lanes whose tap falls
+  // in the padding as zero (masks per register vector and tap). Other padding or stride:
+  // stage each zero-padded plane as its sh*sw polyphase planes (one copy into a buffer that
+  // the thread keeps), so that every tap is a constant offset on a grid of row width Wr
+  // whose pixels are outputs. Neither: read x in place.
+#if defined(__AVX512F__)
+  const bool masked = sh == 1 && sw == 1 && (ph > 0 || pw > 0) && Ho == H && Wo == W;
+#else
+  const bool masked = false;
+#endif
+  const int64_t Hq = (Hp + sh - 1) / sh, Wr = masked ? W : (Wp + sw - 1) / sw;
   const int64_t nph = sh * sw, plane_q = Hq * Wr;
-  const bool stage = nph > 1 || ph > 0 || pw > 0;
+  const bool stage = !masked && (nph > 1 || ph > 0 || pw > 0);
   const float* xp = x.data_ptr<float>();
   std::vector<int64_t> taps_v;
   for (int64_t i = 0; i < kh; ++i) for (int64_t j = 0; j < kw; ++j) {
     const int64_t y = i * dh, xx = j * dw;
-    taps_v.push_back(((y % sh) * sw + (xx % sw)) * plane_q + (y / sh) * Wr + xx / sw);
+    taps_v.push_back(masked ? (y - ph) * W + (xx - pw)
+                            : ((y % sh) * sw + (xx % sw)) * plane_q + (y / sh) * Wr + xx / sw);
   }
   const int64_t plane = stage ? nph * plane_q : H * W, plane_out = Ho * Wo;
   const int64_t Qmax = (Ho - 1) * Wr + Wo;
@@ -359,6 +411,7 @@ at::Tensor sg_gconv(const at::Tensor& x_in, const at::Tensor& wpack, const at::T
     if (++col == Wr) col = 0;
   }
   const StoreMap sm{vbits.data(), vfirst.data(), nullptr, nullptr};
+  const __mmask16* tm = masked ? tap_masks(H, W, kh, kw, dh, dw, ph, pw, NV) : nullptr;
 #endif
   // chunk c of tile t of sample n, reading the sample's (staged) planes at xn in place
   auto run = [&](const float* xn, int64_t n, int64_t c, int64_t t, std::vector<const float*>& rows) {
@@ -368,10 +421,15 @@ at::Tensor sg_gconv(const at::Tensor& x_in, const at::Tensor& wpack, const at::T
     const int64_t qb = c * QC, qe = std::min(Qmax, qb + QC);
     float* on = op + n * C_out * plane_out;
 #if defined(__AVX512F__)
-#define SG_CALL(R_, NV_) tile_avx512<R_, NV_>(rows.data(), K, wp + tw[t], tp, KK, to + t * kR, bp, on, plane_out, \
-                                             qb, qe, Qmax, 0, sm)
-    if (tr[t] > 4) { if (NV == 3) SG_CALL(8, 3); else SG_CALL(8, 2); }
-    else { if (NV == 3) SG_CALL(4, 3); else SG_CALL(4, 2); }
+#define SG_CALL(R_, NV_, MT_) tile_avx512<R_, NV_, MT_>(rows.data(), K, wp + tw[t], tp, KK, to + t * kR, bp, on, \
+                                                      plane_out, qb, qe, Qmax, 0, sm, tm)
+    if (tm) {
+      if (tr[t] > 4) { if (NV == 3) SG_CALL(8, 3, true); else SG_CALL(8, 2, true); }
+      else { if (NV == 3) SG_CALL(4, 3, true); else SG_CALL(4, 2, true); }
+    } else {
+      if (tr[t] > 4) { if (NV == 3) SG_CALL(8, 3, false); else SG_CALL(8, 2, false); }
+      else { if (NV == 3) SG_CALL(4, 3, false); else SG_CALL(4, 2, false); }
+    }
 #undef SG_CALL
 #else
     tile_generic(rows.data(), K, wp + tw[t], tp, KK, to + t * kR, tr[t], bp, qb, qe, 0,
