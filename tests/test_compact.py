@@ -300,6 +300,24 @@ def test_kernel_tile_widths_chunks_and_half_tiles(k, stride, pad, dil, size):
         torch.set_num_threads(threads)
 
 
+def test_kernel_same_padding_reads_in_place_for_any_input_size():
+    # stride-1 layers with "same" padding read the input in place, the padding masked per
+    # register vector and tap from a table kept per geometry: one module on planes of several
+    # sizes (two of one height), non-square, 32- and 48-pixel register tiles, several pixel
+    # chunks, then the first size again (its table found again after the others); a 5x5
+    # layer with dilation 2 pads 4
+    conv, lp = masked_conv(9, 19, 3, 1, 1, 1, True, 3, 0.5, 11)
+    conv5, lp5 = masked_conv(9, 19, 5, 1, 4, 2, False, 2, 0.5, 12)
+    mod = compact_from_masked(conv, lp, "kernel", {"merge": "cost", "tile": 8})
+    mod5 = compact_from_masked(conv5, lp5, "kernel", {"merge": "labels"})
+    with torch.no_grad():
+        for h, w, n in ((7, 7, 1), (14, 9, 2), (14, 11, 1), (1, 23, 1), (31, 40, 1), (6, 5, 6), (7, 7, 3)):
+            x = torch.randn(n, 9, h, w)
+            assert max_rel_error(conv(x), mod(x)) <= TOL, (h, w, n)
+            if h >= 9 and w >= 9:
+                assert max_rel_error(conv5(x), mod5(x)) <= TOL, (h, w, n)
+
+
 @pytest.mark.parametrize("cin,cout,size,n,nthreads", [
     (10, 60, 7, 5, 1), (10, 60, 5, 6, 2), (10, 60, 4, 5, 1), (12, 60, 23, 5, 2), (900, 60, 7, 5, 1),
     (700, 60, 5, 9, 2), (10, 21, 7, 5, 2), (700, 21, 5, 9, 1), (900, 1200, 7, 5, 1), (40, 1200, 23, 5, 2)])
