@@ -9,10 +9,12 @@ stride-1 layer whose output is the size of its input ("same" padding, e.g. 3x3 w
 padding are loaded as zero through a mask per register vector and tap (AVX-512 builds; the
 table is built once per geometry and thread). Any other padded or strided layer first stages
 each input plane, zero-padded, as its stride_h x stride_w polyphase planes (into a buffer
-that the calling thread keeps and reuses), on which the same holds. Input channels are read through an index list (row indirection) and outputs
-are written to their original channel (row indirection), so neither the gather nor the
-scatter copies the tensor (1x1 layers at large batch pack a chunk at a time, below). The register tile is 8 (or 4) filters x 32 or 48 pixels,
-accumulated with AVX-512 FMAs; a plain C++ loop is used when the compiler has no AVX-512.
+that the calling thread keeps and reuses), on which the same holds. Input channels are read
+through an index list (row indirection) and outputs are written to their original channel
+(row indirection), so neither the gather nor the scatter copies the tensor (1x1 layers at
+large batch pack a chunk at a time, below). The register tile is 8 (or 4) filters x 32 or 48
+pixels, accumulated with AVX-512 FMAs; a plain C++ loop is used when the compiler has no
+AVX-512.
 
 Three schedules. With at least two samples per thread, each thread takes whole samples. A
 1x1 layer then packs, per pixel chunk, the union of the input rows that its tiles read (a
