@@ -5,10 +5,10 @@
 
 ResNet-50 (seeded random weights) pruned with SG-CNN and exported with the kernel form in every
 pruned layer (``--strategy kernel``, no measuring, so both models have the same layers). The
-kernel source of ``REV`` (``git show REV:sgcompress/compact/_kernel_src.py``) is built under
-another op name (``sgab::gconv``) and a copy of the compact model calls it; the dense model,
-the compact model ("new": the working tree's kernel) and the copy ("old") are timed
-interleaved, one pass each per round. Separate processes differ by more than the change
+kernel source of ``REV`` (``sgcompress/compact/_kernel_src.py`` and, where it exists,
+``_kernel_tiles.py`` at that revision) is built under another op name (``sgab::gconv``)
+and a copy of the compact model calls it; the dense model, the compact model ("new": the
+working tree's kernel) and the copy ("old") are timed interleaved, one pass each per round. Separate processes differ by more than the change
 under test on these machines, so a change to the kernel is judged by this same-process
 ratio, run in both orders (``--old-first`` swaps which of the two runs right after the dense
 model). Each line also gives the core-to-core round trip before and after the timing
@@ -21,10 +21,12 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
+import importlib
 import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import types
 from pathlib import Path
 
@@ -46,11 +48,22 @@ def build_other(rev: str) -> str:
     root = Path(__file__).resolve().parent.parent
     sha = subprocess.run(["git", "rev-parse", "--short", rev], cwd=root, check=True, capture_output=True,
                          text=True).stdout.strip()
-    text = subprocess.run(["git", "show", f"{sha}:sgcompress/compact/_kernel_src.py"], cwd=root, check=True,
-                          capture_output=True, text=True).stdout
-    scope: dict = {}
-    exec(compile(text, f"{sha}:_kernel_src.py", "exec"), scope)
-    src = scope["KERNEL_SOURCE"]
+    # the kernel's source files at that revision, imported as a package of their own (later
+    # revisions keep the register tiles in _kernel_tiles.py, which _kernel_src.py imports)
+    with tempfile.TemporaryDirectory() as tmp:
+        pkg = Path(tmp) / f"sgab_src_{sha}"
+        pkg.mkdir()
+        (pkg / "__init__.py").write_text("")
+        for name in ("_kernel_src.py", "_kernel_tiles.py"):
+            shown = subprocess.run(["git", "show", f"{sha}:sgcompress/compact/{name}"], cwd=root,
+                                   capture_output=True, text=True)
+            if shown.returncode == 0:
+                (pkg / name).write_text(shown.stdout)
+        sys.path.insert(0, tmp)
+        try:
+            src = importlib.import_module(f"{pkg.name}._kernel_src").KERNEL_SOURCE
+        finally:
+            sys.path.remove(tmp)
     if REGISTRATION not in src:
         raise SystemExit(f"error: {sha}'s kernel source does not register sgcompress::gconv as expected")
     # the exported names of that source, renamed so that neither library can bind the other's
