@@ -256,13 +256,10 @@ at::Tensor sg_gconv(const at::Tensor& x_in, const at::Tensor& wpack, const at::T
 #if defined(__AVX512F__)
 #define SG_CALL(R_, NV_, MT_) tile_avx512<R_, NV_, MT_>(rows.data(), K, wp + tw[t], tp, KK, to + t * kR, bp, on, \
                                                       plane_out, qb, qe, Qmax, 0, sm, tm)
-    if (tm) {
-      if (tr[t] > 4) { if (NV == 3) SG_CALL(8, 3, true); else SG_CALL(8, 2, true); }
-      else { if (NV == 3) SG_CALL(4, 3, true); else SG_CALL(4, 2, true); }
-    } else {
-      if (tr[t] > 4) { if (NV == 3) SG_CALL(8, 3, false); else SG_CALL(8, 2, false); }
-      else { if (NV == 3) SG_CALL(4, 3, false); else SG_CALL(4, 2, false); }
-    }
+#define SG_WIDTHS(MT_) if (tr[t] > 4) { if (NV == 3) SG_CALL(8, 3, MT_); else SG_CALL(8, 2, MT_); } \
+                        else { if (NV == 3) SG_CALL(4, 3, MT_); else SG_CALL(4, 2, MT_); }
+    if (tm) { SG_WIDTHS(true) } else { SG_WIDTHS(false) }
+#undef SG_WIDTHS
 #undef SG_CALL
 #else
     tile_generic(rows.data(), K, wp + tw[t], tp, KK, to + t * kR, tr[t], bp, qb, qe, 0,
